@@ -1,0 +1,1 @@
+"""par_jax: Parallelized Autoregressive Visual Generation (PAR) in JAX and Flax NNX."""

@@ -1,0 +1,299 @@
+"""The PAR decoder: LlamaGen's GPT with PAR's token order, transition embeddings and block-causal attention.
+
+Pre-norm decoder without biases: RMSNorm (float32), fused q|k|v attention with permuted 2D/3D RoPE, SwiGLU MLP,
+final RMSNorm and an unbiased vocabulary head (logits in float32). Parameters are float32 and carry logical axis
+names (`out_sharding` metadata) that training maps onto a device mesh; compute runs in `config.dtype`.
+
+The model exposes its pieces (`embed`, `rope`, `transform`, `head`) so that the sampler can run the same layers over
+a KV cache, and a training forward (`__call__`) that takes raster-order tokens and returns the loss and raster-order
+logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from par_jax import ordering
+from par_jax.model import rope as rope_lib
+from par_jax.model.config import ModelConfig
+
+KVCache = dict  # {"k": (..., B, S, heads, head_dim), "v": same, compute dtype}; a leading layer axis when scanned
+
+
+def _param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
+    # Logical axis names only (no eager sharding): training maps them onto the mesh with its own rules.
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names, eager_sharding=False)
+
+
+def _dropout(x, rate: float, rng):
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _split(rng, num: int):
+    return [None] * num if rng is None else list(jax.random.split(rng, num))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = _param(rngs, nnx.initializers.ones, (dim,), ("norm",))
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(cfg.init_std)
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.attn_dropout, self.resid_dropout = cfg.attn_dropout, cfg.resid_dropout
+        # One fused projection, (dim) -> (q|k|v, heads, head_dim): the release's row order, kept shardable by head.
+        self.wqkv = _param(rngs, init, (cfg.dim, 3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "head_dim"))
+        self.wo = _param(rngs, init, (cfg.num_heads, cfg.head_dim, cfg.dim), ("heads", "head_dim", "embed"))
+
+    def __call__(self, x, cos, sin, mask, *, cache: Optional[KVCache] = None, index=None, layer=None, rng=None):
+        """x (B, Q, dim); cos/sin (Q, head_dim/2); mask (Q, K) bool.
+
+        Without a cache, K = Q. With a cache, the new keys/values are written at sequence offset `index` (into layer
+        `layer` of a stacked cache) and the queries attend over the whole cache (K = cache length).
+        """
+        dt = self.dtype
+        qkv = jnp.einsum("bqd,dthk->tbqhk", x.astype(dt), self.wqkv[...].astype(dt))
+        q = rope_lib.apply_rope(qkv[0], cos, sin)
+        k = rope_lib.apply_rope(qkv[1], cos, sin)
+        v = qkv[2]
+        if cache is not None:
+            cache, k, v = _write_cache(cache, k, v, index, layer)
+        scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / np.sqrt(self.head_dim))
+        scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        r_attn, r_resid = _split(rng, 2)
+        probs = _dropout(probs, self.attn_dropout, r_attn).astype(dt)
+        out = jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt))
+        out = jnp.einsum("bqhk,hkd->bqd", out, self.wo[...].astype(dt))
+        return _dropout(out, self.resid_dropout, r_resid), cache
+
+
+def _write_cache(cache: KVCache, k, v, index, layer):
+    if layer is None:
+        ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+        return {"k": ck, "v": cv}, ck, cv
+    # Stacked cache: write only the new rows of this layer in place, then read this layer's keys/values.
+    ck = jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), (layer, 0, index, 0, 0))
+    cv = jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), (layer, 0, index, 0, 0))
+    return {"k": ck, "v": cv}, ck[layer], cv[layer]
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(cfg.init_std)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.dropout = cfg.mlp_dropout
+        self.w1 = _param(rngs, init, (cfg.dim, cfg.mlp_hidden), ("embed", "mlp"))
+        self.w3 = _param(rngs, init, (cfg.dim, cfg.mlp_hidden), ("embed", "mlp"))
+        self.w2 = _param(rngs, init, (cfg.mlp_hidden, cfg.dim), ("mlp", "embed"))
+
+    def __call__(self, x, rng=None):
+        dt = self.dtype
+        x = x.astype(dt)
+        gate = jax.nn.silu(x @ self.w1[...].astype(dt))
+        up = x @ self.w3[...].astype(dt)
+        return _dropout((gate * up) @ self.w2[...].astype(dt), self.dropout, rng)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, rngs=rngs)
+        self.attention = Attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, rngs=rngs)
+        self.feed_forward = FeedForward(cfg, rngs=rngs)
+
+    def __call__(self, h, cos, sin, mask, *, cache=None, index=None, layer=None, rng=None):
+        r_attn, r_mlp = _split(rng, 2)
+        a, cache = self.attention(self.attention_norm(h), cos, sin, mask, cache=cache, index=index, layer=layer,
+                                  rng=r_attn)
+        h = h + a
+        h = h + self.feed_forward(self.ffn_norm(h), rng=r_mlp)
+        return h, cache
+
+
+def _remat_policy(name: str):
+    return {"full": jax.checkpoint_policies.nothing_saveable,
+            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+class ParTransformer(nnx.Module):
+    """Class-conditional PAR decoder (n = 1 is exactly LlamaGen's GPT)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        std = nnx.initializers.normal(cfg.init_std)
+        self.tok_embeddings = _param(rngs, std, (cfg.vocab_size, cfg.dim), ("vocab", "embed"))
+        # The last row is the null class (guidance and label dropout).
+        self.cls_embedding = _param(rngs, std, (cfg.num_classes + 1, cfg.dim), ("classes", "embed"))
+        if cfg.num_transition:
+            self.transition = _param(rngs, std, (cfg.num_transition, cfg.dim), (None, "embed"))
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_stack(r):
+                return Block(cfg, rngs=r)
+            self.layers = make_stack(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, rngs=rngs)
+        self.output = _param(rngs, nnx.initializers.zeros, (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
+
+    # ----- pieces shared by training and sampling -----
+
+    def embed(self, kind: np.ndarray, index: np.ndarray, tokens, labels):
+        """Input embeddings (B, Q, dim) for sequence positions described by static arrays `kind`/`index` (Q,).
+
+        tokens (B, Q) are the token ids at TOKEN positions (ignored elsewhere); labels (B,) the class ids.
+        """
+        kind = np.asarray(kind)
+        dt = jnp.dtype(self.config.dtype)
+        tok = jnp.take(self.tok_embeddings[...], tokens, axis=0)
+        cls = jnp.take(self.cls_embedding[...], labels, axis=0)[:, None, :]
+        h = jnp.where((kind == ordering.TOKEN)[None, :, None], tok, cls)
+        if self.config.num_transition and (kind == ordering.TRANSITION).any():
+            tr = jnp.take(self.transition[...], np.where(kind == ordering.TRANSITION, index, 0), axis=0)
+            h = jnp.where((kind == ordering.TRANSITION)[None, :, None], tr[None], h)
+        return h.astype(dt)
+
+    def rope(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cos, sin), each (L, head_dim/2), for every position of the sequence layout."""
+        c = self.config
+        return _rope_table(c.order, c.head_dim, c.rope_base, c.zero_rope_special)
+
+    def transform(self, h, cos, sin, mask, *, cache: Optional[KVCache] = None, index=None, rng=None):
+        """Run every decoder layer. Returns (h, cache). With a cache, writes this chunk's keys/values at `index`."""
+        cfg = self.config
+        layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
+        if not cfg.scan_layers:
+            new_cache = []
+            for i, block in enumerate(self.layers):
+                fn = block if cfg.remat == "none" else nnx.remat(block, policy=_remat_policy(cfg.remat))
+                h, c = fn(h, cos, sin, mask, cache=None if cache is None else cache[i], index=index,
+                          rng=None if layer_rngs is None else layer_rngs[i])
+                new_cache.append(c)
+            return h, (None if cache is None else new_cache)
+
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            h, cache = carry
+            layer_state, i, r = xs
+            block = nnx.merge(graphdef, layer_state)
+            h, cache = block(h, cos, sin, mask, cache=cache, index=index, layer=None if cache is None else i, rng=r)
+            return (h, cache), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
+        xs = (state, jnp.arange(cfg.num_layers), layer_rngs)
+        (h, cache), _ = jax.lax.scan(body, (h, cache), xs)
+        return h, cache
+
+    def head(self, h):
+        """Final norm and vocabulary head: float32 logits (B, Q, vocab)."""
+        dt = jnp.dtype(self.config.dtype)
+        logits = self.norm(h).astype(dt) @ self.output[...].astype(dt)
+        return logits.astype(jnp.float32)
+
+    def init_cache(self, batch: int, length: Optional[int] = None, dtype=None) -> KVCache | list:
+        """An empty KV cache for `batch` rows and `length` positions (default: the whole sequence)."""
+        cfg = self.config
+        length = cfg.layout.seq_len if length is None else length
+        dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
+        shape = (batch, length, cfg.num_heads, cfg.head_dim)
+        if cfg.scan_layers:
+            shape = (cfg.num_layers,) + shape
+            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+
+    # ----- training forward -----
+
+    def __call__(self, tokens, labels, *, rng=None, return_logits: bool = True):
+        """Teacher-forced forward pass.
+
+        tokens: (B, N) int image tokens in raster order; labels: (B,) int class ids in [0, num_classes] (num_classes is
+        the null class). rng: a PRNG key turns on dropout and class-label dropout (training); None is deterministic.
+        Returns (loss, logits) with loss the mean cross-entropy over all N tokens and logits (B, N, vocab) float32 in
+        raster order: logits[:, i] predicts raster token i.
+        """
+        cfg = self.config
+        check_inputs(cfg, tokens, labels)
+        layout = cfg.layout
+        r_cls, r_emb, r_layers = _split(rng, 3)
+        if r_cls is not None and cfg.class_dropout > 0:
+            drop = jax.random.bernoulli(r_cls, cfg.class_dropout, labels.shape)
+            labels = jnp.where(drop, cfg.null_class, labels)
+        tokens_gen = jnp.take(tokens, layout.perm, axis=1)            # t_0 .. t_{N-1}
+        seq_tokens = jnp.take(tokens_gen, layout.input_index, axis=1)  # meaningful at TOKEN positions only
+        h = self.embed(layout.input_kind, layout.input_index, seq_tokens, labels)
+        h = _dropout(h, cfg.embed_dropout, r_emb)
+        cos, sin = self.rope()
+        h, _ = self.transform(h, jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(_mask(cfg.order)), rng=r_layers)
+        logits_gen = self.head(h[:, : cfg.num_tokens])                 # position p predicts t_p
+        logp = jax.nn.log_softmax(logits_gen, axis=-1)
+        nll = -jnp.take_along_axis(logp, tokens_gen[..., None], axis=-1)[..., 0]
+        loss = jnp.mean(nll)
+        if not return_logits:
+            return loss, None
+        return loss, jnp.take(logits_gen, layout.inverse, axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_table(order, head_dim, base, zero_special):
+    return rope_lib.rope_table(order.layout, head_dim, base, zero_special)
+
+
+@functools.lru_cache(maxsize=32)
+def _mask(order):
+    return order.layout.attention_mask()
+
+
+def check_inputs(cfg: ModelConfig, tokens, labels) -> None:
+    """Shape checks always; value-range checks when the arrays are concrete (outside jit)."""
+    if tokens.ndim != 2 or tokens.shape[1] != cfg.num_tokens:
+        raise ValueError(f"tokens must be (batch, {cfg.num_tokens}) for a {cfg.grid_shape} grid in raster order, "
+                         f"got shape {tuple(tokens.shape)}. The model was built for grid_shape={cfg.grid_shape}.")
+    if labels.shape != (tokens.shape[0],):
+        raise ValueError(f"labels must be ({tokens.shape[0]},) to match the tokens, got {tuple(labels.shape)}.")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer) or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"tokens and labels must be integer arrays, got {tokens.dtype} and {labels.dtype}.")
+    check_range("token", tokens, cfg.vocab_size)
+    check_range("class label", labels, cfg.num_classes + 1,
+                hint=f"(0..{cfg.num_classes - 1}, or {cfg.null_class} for the null class)")
+
+
+def check_range(name: str, x, upper: int, hint: str = "") -> None:
+    if isinstance(x, jax.core.Tracer):
+        return
+    x = np.asarray(x)
+    if x.size and (x.min() < 0 or x.max() >= upper):
+        bad = x[(x < 0) | (x >= upper)].ravel()[:5].tolist()
+        raise ValueError(f"{name} ids out of range: found {bad}; allowed 0..{upper - 1} {hint}".rstrip() + ".")
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Exact parameter count from abstract shapes (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: ParTransformer(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(abstract, nnx.Param)
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))

@@ -1,0 +1,34 @@
+"""par_jax: Parallelized Autoregressive Visual Generation (PAR) in JAX / Flax NNX."""
+import setuptools
+
+setuptools.setup(
+    name="par_jax",
+    version="0.1.0",
+    description="PAR (parallelized autoregressive visual generation) in JAX and Flax NNX",
+    packages=setuptools.find_packages(include=["par_jax", "par_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.8",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "tensorflow-datasets",
+        "grain",
+        "array-record",
+        "ml-collections",
+        "clu",
+        # clu.metric_writers needs TensorFlow; the CPU build keeps TF off the accelerators.
+        "tensorflow-cpu",
+        "tensorboard",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "matplotlib",
+        "absl-py",
+    ],
+    extras_require={
+        # Reading released .pt files. Pinned to a CPU build: an unpinned torch pulls GBs of CUDA packages.
+        "torch": ["torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist"],
+    },
+)
