@@ -53,6 +53,25 @@ def par_config(arg: str = ""):
         attn_dropout=0.1,  # the paper; the release uses 0.0
     ))
 
+    # --- data (par_jax.data): the training codes, and the extract_codes job that writes them (PAR_SPEC 10) ---
+    config.data = ml_collections.ConfigDict(dict(
+        source="synthetic" if a.runlocal else "codes",  # "codes" (from --job=extract_codes) | "synthetic"
+        codes_dir="",             # the codes directory; extract_codes writes to it (empty: WORKDIR/codes)
+        eval_codes_dir="",        # optional held-out codes (e.g. ImageNet val) for make_eval_loader
+        seed=0,                   # shuffling order and view choice
+        shuffle=True,
+        worker_count=0,           # grain worker processes; records need little work, so threads (below) suffice
+        read_threads=16, prefetch=512,
+        synthetic_count=10_000, synthetic_views=2, synthetic_noise=0.1,  # source=synthetic (and synthetic images)
+        # extract_codes: image source -> views -> tokenizer codes
+        image_source="tfds:imagenet2012",  # "tfds:NAME" | "folder:PATH" | "fashion_mnist[:IDX_DIR]" | "synthetic"
+        split="train", tfds_data_dir="", download=False,
+        image_size=a.res, views="ten_crop", crop_ratio=1.1, flip_views=False,  # see par_jax/data/views.py
+        tokenizer="",             # a trained tokenizer (par_jax.tokenizer.load)
+        extract_batch_size=64,    # images per step per process (x10 views for ten_crop)
+        records_per_shard=10_000, extract_workers=16,
+    ))
+
     # --- data / optimizer / train / mesh: filled by the training work (issue 4) ---
 
     # --- sampling (PAR_SPEC section 7) ---
