@@ -186,12 +186,20 @@ class ParTransformer(nnx.Module):
         """Run every decoder layer. Returns (h, cache). With a cache, writes this chunk's keys/values at `index`."""
         cfg = self.config
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
+        def run_block(graphdef, layer_state, h, cache, i, r):
+            block = nnx.merge(graphdef, layer_state)
+            return block(h, cos, sin, mask, cache=cache, index=index, layer=i, rng=r)
+
+        if cfg.remat != "none":
+            run_block = jax.checkpoint(run_block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers,
+                                       static_argnums=(0,))
+
         if not cfg.scan_layers:
             new_cache = []
             for i, block in enumerate(self.layers):
-                fn = block if cfg.remat == "none" else nnx.remat(block, policy=_remat_policy(cfg.remat))
-                h, c = fn(h, cos, sin, mask, cache=None if cache is None else cache[i], index=index,
-                          rng=None if layer_rngs is None else layer_rngs[i])
+                graphdef, layer_state = nnx.split(block)
+                h, c = run_block(graphdef, layer_state, h, None if cache is None else cache[i], None,
+                                 None if layer_rngs is None else layer_rngs[i])
                 new_cache.append(c)
             return h, (None if cache is None else new_cache)
 
@@ -200,12 +208,9 @@ class ParTransformer(nnx.Module):
         def body(carry, xs):
             h, cache = carry
             layer_state, i, r = xs
-            block = nnx.merge(graphdef, layer_state)
-            h, cache = block(h, cos, sin, mask, cache=cache, index=index, layer=None if cache is None else i, rng=r)
+            h, cache = run_block(graphdef, layer_state, h, cache, None if cache is None else i, r)
             return (h, cache), None
 
-        if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
         xs = (state, jnp.arange(cfg.num_layers), layer_rngs)
         (h, cache), _ = jax.lax.scan(body, (h, cache), xs)
         return h, cache
@@ -288,7 +293,7 @@ def check_range(name: str, x, upper: int, hint: str = "") -> None:
         return
     x = np.asarray(x)
     if x.size and (x.min() < 0 or x.max() >= upper):
-        bad = x[(x < 0) | (x >= upper)].ravel()[:5].tolist()
+        bad = np.unique(x[(x < 0) | (x >= upper)])[:5].tolist()
         raise ValueError(f"{name} ids out of range: found {bad}; allowed 0..{upper - 1} {hint}".rstrip() + ".")
 
 
