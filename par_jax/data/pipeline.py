@@ -1,0 +1,133 @@
+"""The training input pipeline: grain over pre-extracted codes (or synthetic codes), one random view per sample.
+
+`make_train_loader(config, global_batch_size=...)` returns a `grain.DataLoader`. Iterating it gives an endless stream
+of batches `{"tokens": int32 (local_batch, N) raster order, "label": int32 (local_batch,)}` for this process:
+
+- records are split into `process_count` contiguous shards (grain `ShardOptions`), each shuffled anew every epoch
+  with `config.data.seed`; each process sees `global_batch_size / process_count` samples per batch;
+- the view of every sample is drawn from a generator grain derives from the seed and the sample's position in the
+  stream, so the stream is the same for any `worker_count` and after any restart;
+- the iterator's `get_state()` / `set_state()` (and grain's orbax `CheckpointHandler`) resume it exactly.
+
+`make_eval_loader` is one ordered pass over a fixed split with a fixed view, padded to whole batches with a mask.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import numpy as np
+
+from par_jax.data import codes as codes_lib
+
+SOURCES = ("codes", "synthetic")
+
+
+def make_codes_source(config, codes_dir: str | None = None):
+    """`config.data.source` -> a CodesSource or SyntheticCodes checked against `config.model`."""
+    data, model = config.data, config.model
+    if data.source == "synthetic":
+        return codes_lib.SyntheticCodes(count=data.synthetic_count, grid_shape=model.grid_shape,
+                                        vocab_size=model.vocab_size, num_classes=model.num_classes,
+                                        num_views=data.synthetic_views, noise=data.synthetic_noise, seed=data.seed)
+    if data.source != "codes":
+        raise ValueError(f"unknown config.data.source {data.source!r}; choose one of {SOURCES}.")
+    codes_dir = codes_dir or data.codes_dir
+    if not codes_dir:
+        raise ValueError("config.data.source='codes' needs --config.data.codes_dir=DIR (written by "
+                         "--job=extract_codes), or use --config.data.source=synthetic for a smoke run.")
+    source = codes_lib.CodesSource(codes_dir)
+    check_compatible(source.metadata, config, codes_dir)
+    return source
+
+
+def check_compatible(meta: codes_lib.CodesMetadata, config, where: str) -> None:
+    """Fails before training if the codes cannot feed the model in `config.model`."""
+    model = config.model
+    grid = tuple(int(g) for g in model.grid_shape)
+    problems = []
+    if meta.grid_shape != grid:
+        problems.append(f"the codes are {meta.grid_shape[0]}x{meta.grid_shape[1]} token grids but "
+                        f"config.model.grid_shape is {grid} (extract codes at the model's resolution, or change res)")
+    if meta.vocab_size > model.vocab_size:
+        problems.append(f"the tokenizer has {meta.vocab_size} codes but config.model.vocab_size is {model.vocab_size}")
+    if meta.num_classes > model.num_classes:
+        problems.append(f"the codes have {meta.num_classes} classes but config.model.num_classes is "
+                        f"{model.num_classes}")
+    if problems:
+        raise ValueError(f"codes in {where} do not fit the model: " + "; ".join(problems) + ".")
+
+
+class PickView(grain.transforms.RandomMap):
+    """{"codes": (V, h, w), "label"} -> {"tokens": int32 (h*w,) of one random view, "label": int32}."""
+
+    def random_map(self, element, rng: np.random.Generator):
+        codes = element["codes"]
+        view = rng.integers(codes.shape[0])
+        return {"tokens": codes[view].reshape(-1).astype(np.int32), "label": np.int32(element["label"])}
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} outside [0, {count}).")
+    return index, count
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size < 1 or global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the number of "
+                         f"processes ({process_count}).")
+    return global_batch_size // process_count
+
+
+def make_train_loader(config, *, global_batch_size: int, process_index: int | None = None,
+                      process_count: int | None = None) -> grain.DataLoader:
+    """The endless, shuffled, per-process training stream (see the module docstring)."""
+    data = config.data
+    process_index, process_count = _process(process_index, process_count)
+    batch = local_batch_size(global_batch_size, process_count)
+    source = make_codes_source(config)
+    if len(source) < process_count:
+        raise ValueError(f"{len(source)} records cannot be split over {process_count} processes.")
+    if not 0 <= data.seed < 2**32:
+        raise ValueError(f"config.data.seed must be in [0, 2**32) (grain's sampler seed), got {data.seed}.")
+    shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=data.shuffle,
+                                          num_epochs=None, seed=data.seed)
+    return grain.DataLoader(
+        data_source=source, sampler=sampler, shard_options=shard,
+        operations=[PickView(), grain.transforms.Batch(batch_size=batch, drop_remainder=True)],
+        worker_count=data.worker_count,
+        read_options=grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
+
+
+def make_eval_loader(config, *, global_batch_size: int, codes_dir: str | None = None, view: int | None = None,
+                     process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+    """One ordered pass over a fixed split (`codes_dir`, default `config.data.eval_codes_dir`, else the training
+    codes) with one view (default: the metadata's unflipped centre view). Re-iterable. Batches have a fixed shape:
+    the last ones are padded with copies of a real record and `"mask"` (bool) marks the real samples. Each process
+    reads its own contiguous part, and all processes yield the same number of batches (for collective steps)."""
+    data = config.data
+    process_index, process_count = _process(process_index, process_count)
+    batch = local_batch_size(global_batch_size, process_count)
+    source = make_codes_source(config, (codes_dir or data.eval_codes_dir or None) if data.source == "codes" else None)
+    meta = source.metadata
+    view = meta.eval_view if view is None else view
+    if not 0 <= view < meta.num_views:
+        raise ValueError(f"view {view} outside [0, {meta.num_views}).")
+    if len(source) < process_count:
+        raise ValueError(f"{len(source)} evaluation records cannot be split over {process_count} processes.")
+    start, end = (len(source) * process_index) // process_count, (len(source) * (process_index + 1)) // process_count
+    per_process = -(-len(source) // process_count)
+    num_batches = -(-per_process // batch)
+
+    def element(i):
+        record = source[start + min(i, end - start - 1)]
+        return {"tokens": record["codes"][view].reshape(-1).astype(np.int32), "label": np.int32(record["label"]),
+                "mask": np.bool_(i < end - start)}
+
+    return (grain.MapDataset.range(num_batches * batch).map(element)
+            .to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
+            .batch(batch))
