@@ -40,7 +40,10 @@ def parse_arg(arg: str, **defaults):
 
 
 def par_config(arg: str = ""):
-    a = parse_arg(arg, size="XL", n=4, res=384, runlocal=False)
+    a = parse_arg(arg, size="", n=4, res=0, runlocal=False, recipe="paper")
+    # runlocal shrinks the same experiment to one CPU; an explicit size= or res= still wins.
+    a.size = a.size or ("tiny" if a.runlocal else "XL")
+    a.res = a.res or (128 if a.runlocal else 384)
     config = ml_collections.ConfigDict()
     config.arg = arg or ""
     config.job = "train"
@@ -72,7 +75,55 @@ def par_config(arg: str = ""):
         records_per_shard=10_000, extract_workers=16,
     ))
 
-    # --- data / optimizer / train / mesh: filled by the training work (issue 4) ---
+    # --- optimizer (PAR_SPEC section 10; par_jax.training.optim) ---
+    config.optimizer = ml_collections.ConfigDict(dict(
+        lr=PAPER_LR[a.size], b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.05,        # matrices and embeddings only, not norm gains
+        schedule="cosine",        # "cosine" (linear warmup, cosine to 0) | "constant" (after the warmup)
+        warmup_epochs=15.0,       # of 300 in the paper
+        warmup_steps=-1,          # >= 0 overrides warmup_epochs
+        grad_clip=1.0,            # global norm; 0 = off
+        ema_decay=0.0,            # > 0 keeps EMA weights (e.g. 0.9999); sampling then uses them
+    ))
+
+    # --- train loop (par_jax.training.train) ---
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=PAPER_BATCH[a.size],  # global, over all processes
+        num_epochs=300.0,         # epochs of the training codes (one random view per record per epoch)
+        num_steps=-1,             # > 0 overrides num_epochs
+        grad_accum_steps=1,       # micro-batches per step (the batch is split; one optimizer update)
+        log_every_steps=100,
+        checkpoint_every_steps=2000, keep_checkpoints=3, async_checkpoints=True,
+        sample_every_steps=10_000,  # a sample grid (PNG + TensorBoard) every so often; 0 = off
+        sample_num_images=16,
+        peak_flops=0.0,           # per device, for MFU; 0 = vendor table for known accelerators, else measured
+    ))
+
+    # --- device mesh (par_jax.training.mesh / sharding); -1 takes the remaining devices ---
+    config.mesh = ml_collections.ConfigDict(dict(
+        data=1 if a.size in ("XXL", "3B") else -1,
+        fsdp=-1 if a.size in ("XXL", "3B") else 1,  # shard parameters and optimizer state when they do not fit
+        tensor=1,
+        # logical axis -> mesh axes ("" replicated, "data,fsdp" several); par_jax.training.sharding.DEFAULT_RULES
+        rules=dict(batch="data,fsdp", layers="", vocab="tensor", embed="fsdp", classes="", heads="tensor",
+                   head_dim="", mlp="tensor", norm=""),
+    ))
+
+    # Evaluators run during training: {name: {every_steps: N, ...kwargs}} (par_jax.training.evaluators).
+    config.evals = ml_collections.ConfigDict()
+
+    if a.recipe == "release":     # the PyTorch release: constant lr, no warmup, no attention dropout
+        config.optimizer.update(schedule="constant", warmup_epochs=0.0)
+        config.model.attn_dropout = 0.0
+    elif a.recipe != "paper":
+        raise ValueError(f"unknown recipe {a.recipe!r}; choose paper or release.")
+
+    if a.runlocal:                # minutes on one CPU, float32 (bfloat16 is slow on XLA:CPU)
+        config.model.update(dtype="float32", vocab_size=1024, num_classes=10)
+        config.data.update(read_threads=2, prefetch=8)
+        config.optimizer.update(warmup_steps=20)
+        config.train.update(batch_size=16, num_steps=300, log_every_steps=20, checkpoint_every_steps=100,
+                            sample_every_steps=0, sample_num_images=8)
 
     # --- sampling (PAR_SPEC section 7) ---
     config.sample = ml_collections.ConfigDict(dict(
