@@ -312,3 +312,118 @@ def test_bad_gpt_reports_everything_at_once():
     err = _expect_problems(sd, tiny_config(), "missing     norm.weight", "unexpected  extra.weight",
                            "wrong shape output.weight: expected (32, 64), found (32, 63)")
     assert len(err.problems) == 3 and "3 problem(s)" in str(err)
+
+
+# ----- checkpoint files -----
+
+def _assert_same(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert np.asarray(a[key]).dtype == np.asarray(b[key]).dtype, key
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_safetensors_round_trip(tmp_path):
+    sd = random_gpt_state_dict(1)
+    path = tmp_path / "gpt.safetensors"
+    conversion.save_state_dict(sd, path)
+    _assert_same(conversion.load_state_dict(path), sd)
+
+
+def test_safetensors_bfloat16_is_widened_to_float32(tmp_path):
+    import safetensors.flax
+
+    path = str(tmp_path / "bf16.safetensors")
+    safetensors.flax.save_file({"w": jnp.asarray([1.5, -2.0, 3.0], jnp.bfloat16)}, path)
+    back = conversion.load_state_dict(path)
+    assert back["w"].dtype == np.float32 and back["w"].tolist() == [1.5, -2.0, 3.0]
+
+
+def test_pt_round_trip_through_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = random_gpt_state_dict(2)
+    path = tmp_path / "gpt.pt"
+    conversion.save_state_dict(sd, path)
+    raw = torch.load(path, weights_only=True)  # a plain torch file of tensors
+    assert all(isinstance(v, torch.Tensor) for v in raw.values()) and list(raw) == list(sd)
+    _assert_same(conversion.load_state_dict(path), sd)
+
+    # As the release's training scripts save: weights under "model" (DDP-prefixed), EMA, step and an argparse
+    # Namespace of arguments; a bfloat16 tensor comes back as float32.
+    ema = {k: v + 1 for k, v in sd.items()}
+    torch.save({"model": {"module." + k: torch.from_numpy(v) for k, v in sd.items()},
+                "ema": {k: torch.from_numpy(v) for k, v in ema.items()},
+                "steps": 100, "args": argparse.Namespace(gpt_model="GPT-tiny", image_size=64),
+                "extra": {"bf16": torch.tensor([0.5, 2.0], dtype=torch.bfloat16)}}, tmp_path / "train.pt")
+    _assert_same(conversion.load_state_dict(tmp_path / "train.pt"), sd)
+    _assert_same(conversion.load_state_dict(tmp_path / "train.pt", key="ema"), ema)
+    bf16 = conversion.load_state_dict(tmp_path / "train.pt", key="extra")["bf16"]
+    assert bf16.dtype == np.float32 and bf16.tolist() == [0.5, 2.0]
+    model = conversion.gpt_from_state_dict(raw, tiny_config())  # torch tensors are accepted directly
+    _assert_same(conversion.gpt_to_state_dict(model), sd)
+
+
+def test_pt_with_other_python_objects_needs_trust(tmp_path):
+    torch = pytest.importorskip("torch")
+    import fractions
+
+    sd = random_gpt_state_dict(2, layers=1)
+    path = tmp_path / "odd.pt"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "lr": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        conversion.load_state_dict(path)
+    _assert_same(conversion.load_state_dict(path, trust_pickle=True), sd)
+
+
+def test_pt_without_torch_says_how_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "gpt.pt"
+    path.write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch were not installed
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[torch\]"'):
+        conversion.load_state_dict(path)
+    with pytest.raises(ImportError, match="torch==2.13.0"):
+        conversion.save_state_dict({"w": np.zeros(2, np.float32)}, tmp_path / "out.pt")
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        conversion.load_state_dict(tmp_path / "absent.safetensors")
+    (tmp_path / "weights.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot tell the format"):
+        conversion.load_state_dict(tmp_path / "weights.npz")
+    torch = pytest.importorskip("torch")
+    torch.save({"steps": 3, "optimizer": {"lr": 0.1}}, tmp_path / "no_model.pt")
+    with pytest.raises(ValueError, match="found no state dict.*'optimizer', 'steps'"):
+        conversion.load_state_dict(tmp_path / "no_model.pt")
+    with pytest.raises(KeyError, match="no entry 'ema'"):
+        conversion.load_state_dict(tmp_path / "no_model.pt", key="ema")
+
+
+# ----- the command line -----
+
+def _run_convert(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "par_jax.convert", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_convert_cli_writes_a_checkpoint_that_load_params_restores(tmp_path):
+    from par_jax.training import checkpoint
+
+    # configs/par.py at size=tiny, res=64: 4x4 tokens, the release's vocabulary and classes.
+    sd = random_gpt_state_dict(4, layers=2, dim=64, hidden=256, vocab=16384, classes=1000, n=4)
+    conversion.save_state_dict(sd, tmp_path / "par.safetensors")
+    config = "--config=configs/par.py:size=tiny,n=4,res=64"
+    result = _run_convert("--kind=gpt", f"--input={tmp_path / 'par.safetensors'}", config,
+                          f"--output={tmp_path / 'ckpt'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = checkpoint.load_params(tmp_path / "ckpt")
+    assert model.config.n == 4 and model.config.grid_shape == (4, 4) and model.config.num_heads == 2
+    _assert_same(conversion.gpt_to_state_dict(model), sd)
+
+    # Weights that do not fit: an error that names the problem, and no output directory.
+    result = _run_convert("--kind=gpt", f"--input={tmp_path / 'par.safetensors'}",
+                          "--config=configs/par.py:size=tiny,n=16,res=64", f"--output={tmp_path / 'bad'}")
+    assert result.returncode == 1
+    assert "n: the weights have 4, the config has 16" in result.stderr
+    assert not (tmp_path / "bad").exists()

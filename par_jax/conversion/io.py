@@ -155,6 +155,7 @@ def save_state_dict(state_dict: Mapping[str, Any], path: str) -> None:
         safetensors.numpy.save_file(arrays, path)
     elif lower.endswith(TORCH_SUFFIXES):
         torch = import_torch()
-        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+        # torch wants writable buffers (arrays read from .safetensors are read-only views).
+        torch.save({k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in arrays.items()}, path)
     else:
         raise ValueError(f"cannot tell the format to write from {path}: use a name ending in .safetensors or .pt.")

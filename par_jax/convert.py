@@ -1,0 +1,107 @@
+r"""Convert released PyTorch weights (PAR, LlamaGen, the VQ-16 tokenizer) into par_jax checkpoints.
+
+  python -m par_jax.convert --kind=gpt --input=PAR-XL-4x.pt --config=configs/par.py:size=XL,n=4,res=384 \
+      --output=checkpoints/par_xl_4x
+  python -m par_jax.convert --kind=vq --input=vq_ds16_c2i.pt --output=checkpoints/vq16
+
+The GPT output is a params-only checkpoint (`par_jax.training.checkpoint.save_params`) that sampling, evaluation and
+further training restore directly (e.g. --config.sample.checkpoint=checkpoints/par_xl_4x); the tokenizer output is
+what `par_jax.tokenizer.load` reads. The weights must fit the config: every misfit is listed in one error. `.pt`
+files need the optional PyTorch extra (`pip install -e ".[torch]"`); `.safetensors` files do not. Conversion runs on
+the host CPU and needs about twice the checkpoint's size in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_KIND = flags.DEFINE_enum("kind", None, ["gpt", "vq"], "What the input holds: the GPT decoder or the VQ tokenizer.")
+_INPUT = flags.DEFINE_string("input", None, "A .pt/.pth/.bin or .safetensors file of the PyTorch release.")
+_OUTPUT = flags.DEFINE_string("output", None, "New directory for the converted checkpoint (must not exist).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config whose `model` block (gpt) or `tokenizer` block (vq) the weights must fit, "
+    "e.g. configs/par.py:size=XL,n=4,res=384. Optional for vq (default: VQ-16).")
+_KEY = flags.DEFINE_string("key", None, "Entry of the checkpoint that holds the weights (e.g. ema); default: the "
+                           "file itself if it holds tensors, else `model`, `module` or `state_dict`.")
+_TRUST_PICKLE = flags.DEFINE_bool("trust_pickle", False, "Allow arbitrary pickled objects in .pt files (only for "
+                                  "files you trust: unpickling can run code).")
+
+
+def _gib(state_dict) -> float:
+    return sum(v.nbytes for v in state_dict.values()) / 2 ** 30
+
+
+def _check_output(output) -> None:
+    if os.path.exists(output):
+        raise FileExistsError(f"--output {output} already exists; choose a new directory.")
+
+
+def convert_gpt(input_path: str, model_cfg, output: str, *, key=None, trust_pickle: bool = False):
+    """Read a PyTorch GPT checkpoint, convert it for `model_cfg` and write a params-only checkpoint to `output`."""
+    from par_jax.conversion import gpt, io  # noqa: PLC0415 (jax-heavy imports after flag parsing)
+    from par_jax.training import checkpoint  # noqa: PLC0415
+
+    _check_output(output)
+    start = time.time()
+    sd = io.load_state_dict(input_path, key=key, trust_pickle=trust_pickle)
+    logging.info("read %d tensors (%.2f GiB) from %s in %.1fs", len(sd), _gib(sd), input_path, time.time() - start)
+    model = gpt.gpt_from_state_dict(sd, model_cfg)
+    del sd
+    logging.info("converted in %.1fs; writing %s", time.time() - start, output)
+    checkpoint.save_params(output, model)
+    logging.info("done in %.1fs: %s (restore with par_jax.training.checkpoint.load_params)", time.time() - start,
+                 output)
+    return model
+
+
+def convert_vq(input_path: str, vq_cfg, output: str, *, key=None, trust_pickle: bool = False):
+    """Read a PyTorch VQ tokenizer checkpoint, convert it for `vq_cfg` and save it for `par_jax.tokenizer.load`."""
+    from par_jax import tokenizer  # noqa: PLC0415
+    from par_jax.conversion import io, vq  # noqa: PLC0415
+
+    _check_output(output)
+    start = time.time()
+    sd = io.load_state_dict(input_path, key=key, trust_pickle=trust_pickle)
+    logging.info("read %d tensors (%.2f GiB) from %s in %.1fs", len(sd), _gib(sd), input_path, time.time() - start)
+    model = vq.vq_from_state_dict(sd, vq_cfg)
+    del sd
+    tokenizer.save(output, model)
+    logging.info("done in %.1fs: %s (load with par_jax.tokenizer.load)", time.time() - start, output)
+    return model
+
+
+def main(argv):
+    del argv
+    import jax  # noqa: PLC0415
+
+    from par_jax.conversion import ConversionError  # noqa: PLC0415
+
+    config = _CONFIG.value
+    try:
+        # Host work: keep the arrays off accelerators (a 3B model would not fit on one).
+        with jax.default_device(jax.devices("cpu")[0]):
+            if _KIND.value == "gpt":
+                if config is None or "model" not in config:
+                    raise app.UsageError("--kind=gpt needs --config with a model block, e.g. "
+                                         "--config=configs/par.py:size=XL,n=4,res=384.")
+                from par_jax.model import from_config_dict  # noqa: PLC0415
+                convert_gpt(_INPUT.value, from_config_dict(config.model), _OUTPUT.value, key=_KEY.value,
+                            trust_pickle=_TRUST_PICKLE.value)
+            else:
+                from par_jax import tokenizer  # noqa: PLC0415
+                vq_cfg = (tokenizer.from_config_dict(config.tokenizer)
+                          if config is not None and "tokenizer" in config else tokenizer.vq_config("vq16"))
+                convert_vq(_INPUT.value, vq_cfg, _OUTPUT.value, key=_KEY.value, trust_pickle=_TRUST_PICKLE.value)
+    except (ConversionError, FileNotFoundError, FileExistsError, ImportError, ValueError, KeyError) as e:
+        print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["kind", "input", "output"])
+    app.run(main)
