@@ -2,12 +2,16 @@
 
 import gzip
 import os
+import subprocess
+import sys
+import types
 
 import grain
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
+from flax import nnx
 from PIL import Image
 
 from configs import common
@@ -425,3 +429,70 @@ def test_truncated_or_missing_shards_and_wrong_model_fail_early(tmp_path):
         codes_lib.CodesSource(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="extract_codes"):
         pipeline.make_train_loader(make_config(tmp_path / "nowhere"), global_batch_size=4)
+
+
+def test_loader_with_worker_processes_restores_exactly(identity_codes):
+    config = make_config(identity_codes, worker_count=2)
+    it = iter(pipeline.make_train_loader(config, global_batch_size=4))
+    take(it, 5)
+    state = it.get_state()
+    expected = take(it, 6)
+    resumed = iter(pipeline.make_train_loader(config, global_batch_size=4))
+    resumed.set_state(state)
+    got = take(resumed, 6)
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    index = np.concatenate([decode_batch(b)[0] for b in expected + got])
+    assert len(set(index[:20].tolist())) == 20  # workers split an epoch without repeats
+    del it, resumed  # stop the worker processes now, not at interpreter exit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extraction with an nnx tokenizer, batch-sharded over 8 simulated devices (in a subprocess)
+
+
+class PatchTokenizer(nnx.Module):
+    """A stand-in VQ tokenizer: 4x4 patches -> linear scores over 16 codes -> argmax. Dropout checks eval mode."""
+
+    def __init__(self, rngs):
+        self.config = types.SimpleNamespace(codebook_size=16, in_channels=3)
+        self.proj = nnx.Conv(3, 16, (4, 4), strides=4, rngs=rngs)
+        self.dropout = nnx.Dropout(0.9, rngs=rngs)
+
+    def encode(self, images):
+        return jnp.argmax(self.dropout(self.proj(images)), -1).astype(jnp.int32)
+
+
+SHARDED_EXTRACT = """
+import sys, jax, numpy as np
+from flax import nnx
+sys.path[:0] = [{root!r}, {tests!r}]
+from test_data import PatchTokenizer
+from par_jax.data import extract, sources
+assert jax.local_device_count() == 8
+model = PatchTokenizer(nnx.Rngs(0))
+mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+out = extract._Encoder(model, mesh, 3)(np.zeros((16, 16, 16, 3), np.uint8))
+assert len(out.sharding.device_set) == 8 and out.shape == (16, 4, 4), out.sharding
+extract.extract_codes(model, sources.SyntheticImages(7, size=20, num_classes=3), {out_dir!r}, image_size=16,
+                      batch_size=3, records_per_shard=4, tokenizer_id="patch", log_every_s=0)
+print("ok")
+"""
+
+
+def test_extract_codes_with_an_nnx_tokenizer_on_8_devices(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    script = SHARDED_EXTRACT.format(root=root, tests=os.path.join(root, "tests"), out_dir=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    model = PatchTokenizer(nnx.Rngs(0))
+    model.eval()
+    source = sources.SyntheticImages(7, size=20, num_classes=3)
+    codes = codes_lib.CodesSource(str(tmp_path))
+    assert codes.metadata.vocab_size == 16 and codes.metadata.grid_shape == (4, 4) and len(codes) == 7
+    for i in range(7):
+        image, label = source[i]
+        expected = model.encode(views.make_views(image, "ten_crop", 16).astype(np.float32) / 127.5 - 1)
+        np.testing.assert_array_equal(codes[i]["codes"], expected)
+        assert codes[i]["label"] == label

@@ -6,8 +6,10 @@ of batches `{"tokens": int32 (local_batch, N) raster order, "label": int32 (loca
 - records are split into `process_count` contiguous shards (grain `ShardOptions`), each shuffled anew every epoch
   with `config.data.seed`; each process sees `global_batch_size / process_count` samples per batch;
 - the view of every sample is drawn from a generator grain derives from the seed and the sample's position in the
-  stream, so the stream is the same for any `worker_count` and after any restart;
-- the iterator's `get_state()` / `set_state()` (and grain's orbax `CheckpointHandler`) resume it exactly.
+  stream, so the stream is a pure function of (data, seed, process_index/count, batch size, worker_count);
+  grain batches inside each worker, so another `worker_count` groups the same samples into other batches;
+- the iterator's `get_state()` / `set_state()` (and grain's orbax `CheckpointHandler`) resume it exactly; grain
+  refuses a state saved with another `worker_count`.
 
 `make_eval_loader` is one ordered pass over a fixed split with a fixed view, padded to whole batches with a mask.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from par_jax.data import codes as codes_lib
 
@@ -93,6 +96,9 @@ def make_train_loader(config, *, global_batch_size: int, process_index: int | No
         raise ValueError(f"{len(source)} records cannot be split over {process_count} processes.")
     if not 0 <= data.seed < 2**32:
         raise ValueError(f"config.data.seed must be in [0, 2**32) (grain's sampler seed), got {data.seed}.")
+    if data.worker_count > 0 and not flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; outside an absl app (tests, notebooks) use their defaults.
+        flags.FLAGS.mark_as_parsed()
     shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=data.shuffle,
                                           num_epochs=None, seed=data.seed)
