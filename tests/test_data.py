@@ -496,3 +496,25 @@ def test_extract_codes_with_an_nnx_tokenizer_on_8_devices(tmp_path):
         expected = model.encode(views.make_views(image, "ten_crop", 16).astype(np.float32) / 127.5 - 1)
         np.testing.assert_array_equal(codes[i]["codes"], expected)
         assert codes[i]["label"] == label
+
+
+def test_extract_codes_job_feeds_the_train_loader(tmp_path, monkeypatch):
+    import par_jax.tokenizer
+    loaded = []
+    monkeypatch.setattr(par_jax.tokenizer, "load", lambda path: loaded.append(path) or PatchTokenizer(nnx.Rngs(0)),
+                        raising=False)
+    config = make_config(tmp_path / "codes", image_source="synthetic", synthetic_count=6, image_size=16,
+                         views="center", flip_views=True, extract_batch_size=4, records_per_shard=4)
+    config.model.grid_shape, config.model.num_classes = (4, 4), 10
+    with pytest.raises(ValueError, match="needs --config.data.tokenizer=PATH"):
+        extract.run(config, str(tmp_path))
+    config.data.tokenizer = "/somewhere/tokenizer"
+    meta = extract.run(config, str(tmp_path))
+    assert loaded == ["/somewhere/tokenizer"] and meta.tokenizer == "/somewhere/tokenizer"
+    assert meta.count == 6 and meta.num_views == 2 and meta.grid_shape == (4, 4) and len(meta.shards) == 2
+    assert pipeline.num_records(config) == 6
+    batch = next(iter(pipeline.make_train_loader(config, global_batch_size=4)))
+    assert batch["tokens"].shape == (4, 16) and batch["tokens"].max() < 16 and batch["label"].max() < 10
+    config.model.grid_shape = (2, 2)
+    with pytest.raises(ValueError, match=r"into 4x4 codes but the model expects \(2, 2\)"):
+        extract.run(config, str(tmp_path / "other"))

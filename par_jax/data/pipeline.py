@@ -44,6 +44,11 @@ def make_codes_source(config, codes_dir: str | None = None):
     return source
 
 
+def num_records(config) -> int:
+    """How many training records (images; each holds all its views) `config.data` points at: one epoch."""
+    return len(make_codes_source(config))
+
+
 def check_compatible(meta: codes_lib.CodesMetadata, config, where: str) -> None:
     """Fails before training if the codes cannot feed the model in `config.model`."""
     model = config.model
