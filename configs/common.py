@@ -63,8 +63,8 @@ def par_config(arg: str = ""):
         eval_codes_dir="",        # optional held-out codes (e.g. ImageNet val) for make_eval_loader
         seed=0,                   # shuffling order and view choice
         shuffle=True,
-        worker_count=0,           # grain worker processes; records need little work, so threads (below) suffice
-        read_threads=16, prefetch=512,
+        worker_count=0,           # grain worker processes building batches (0: threads of this process do)
+        read_threads=4, prefetch=8,  # batches read in parallel / batches prefetched
         synthetic_count=10_000, synthetic_views=2, synthetic_noise=0.1,  # source=synthetic (and synthetic images)
         # extract_codes: image source -> views -> tokenizer codes
         image_source="tfds:imagenet2012",  # "tfds:NAME" | "folder:PATH" | "fashion_mnist[:IDX_DIR]" | "synthetic"

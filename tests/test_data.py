@@ -256,7 +256,7 @@ def make_config(codes_dir="", **data):
     config.data.source = "codes"
     config.data.codes_dir = str(codes_dir)
     config.data.read_threads = 2
-    config.data.prefetch = 8
+    config.data.prefetch = 4
     config.data.update(data)
     return config
 
@@ -431,7 +431,8 @@ def test_truncated_or_missing_shards_and_wrong_model_fail_early(tmp_path):
         pipeline.make_train_loader(make_config(tmp_path / "nowhere"), global_batch_size=4)
 
 
-def test_loader_with_worker_processes_restores_exactly(identity_codes):
+def test_loader_with_worker_processes_gives_the_same_stream_and_restores(identity_codes):
+    reference = take(iter(pipeline.make_train_loader(make_config(identity_codes), global_batch_size=4)), 11)
     config = make_config(identity_codes, worker_count=2)
     it = iter(pipeline.make_train_loader(config, global_batch_size=4))
     take(it, 5)
@@ -440,10 +441,9 @@ def test_loader_with_worker_processes_restores_exactly(identity_codes):
     resumed = iter(pipeline.make_train_loader(config, global_batch_size=4))
     resumed.set_state(state)
     got = take(resumed, 6)
-    for a, b in zip(expected, got):
+    for a, b, c in zip(reference[5:], expected, got):
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
-    index = np.concatenate([decode_batch(b)[0] for b in expected + got])
-    assert len(set(index[:20].tolist())) == 20  # workers split an epoch without repeats
+        np.testing.assert_array_equal(a["tokens"], c["tokens"])
     del it, resumed  # stop the worker processes now, not at interpreter exit
 
 

@@ -1,15 +1,14 @@
 """The training input pipeline: grain over pre-extracted codes (or synthetic codes), one random view per sample.
 
-`make_train_loader(config, global_batch_size=...)` returns a `grain.DataLoader`. Iterating it gives an endless stream
+`make_train_loader(config, global_batch_size=...)` returns a grain `IterDataset`. Iterating it gives an endless stream
 of batches `{"tokens": int32 (local_batch, N) raster order, "label": int32 (local_batch,)}` for this process:
 
-- records are split into `process_count` contiguous shards (grain `ShardOptions`), each shuffled anew every epoch
-  with `config.data.seed`; each process sees `global_batch_size / process_count` samples per batch;
-- the view of every sample is drawn from a generator grain derives from the seed and the sample's position in the
-  stream, so the stream is a pure function of (data, seed, process_index/count, batch size, worker_count);
-  grain batches inside each worker, so another `worker_count` groups the same samples into other batches;
-- the iterator's `get_state()` / `set_state()` (and grain's orbax `CheckpointHandler`) resume it exactly; grain
-  refuses a state saved with another `worker_count`.
+- every process takes an equal strided share of the records (record p, p + P, p + 2P, ...), shuffled anew every
+  epoch with `config.data.seed`, and sees `global_batch_size / process_count` samples per batch;
+- batches are built whole (a batched read, then one random view per sample from a generator grain derives from
+  the seed, the process and the batch number), so the stream is a pure function of (data, seed, process
+  index/count, batch size), whatever `read_threads` and `worker_count` build it;
+- the iterator's `get_state()` / `set_state()` (and grain's orbax `CheckpointHandler`) resume it exactly.
 
 `make_eval_loader` is one ordered pass over a fixed split with a fixed view, padded to whole batches with a mask.
 """
@@ -66,13 +65,26 @@ def check_compatible(meta: codes_lib.CodesMetadata, config, where: str) -> None:
         raise ValueError(f"codes in {where} do not fit the model: " + "; ".join(problems) + ".")
 
 
-class PickView(grain.transforms.RandomMap):
-    """{"codes": (V, h, w), "label"} -> {"tokens": int32 (h*w,) of one random view, "label": int32}."""
+def read_records(source, keys) -> list[dict[str, np.ndarray]]:
+    keys = [int(k) for k in keys]
+    getitems = getattr(source, "__getitems__", None)
+    return getitems(keys) if getitems else [source[k] for k in keys]
 
-    def random_map(self, element, rng: np.random.Generator):
-        codes = element["codes"]
-        view = rng.integers(codes.shape[0])
-        return {"tokens": codes[view].reshape(-1).astype(np.int32), "label": np.int32(element["label"])}
+
+class ReadBatch(grain.transforms.RandomMap):
+    """Record keys (B,) -> {"tokens": int32 (B, h*w) one random view each, "label": int32 (B,)}.
+
+    Works on whole batches: one batched ArrayRecord read and one generator per batch keep the per-sample Python
+    cost small, and make a batch's content independent of how many threads or worker processes build batches."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def random_map(self, keys, rng: np.random.Generator):
+        records = read_records(self.source, keys)
+        views = rng.integers(self.source.metadata.num_views, size=len(records))
+        return {"tokens": np.stack([r["codes"][v].reshape(-1) for r, v in zip(records, views)]).astype(np.int32),
+                "label": np.array([r["label"] for r in records], np.int32)}
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
@@ -91,7 +103,7 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def make_train_loader(config, *, global_batch_size: int, process_index: int | None = None,
-                      process_count: int | None = None) -> grain.DataLoader:
+                      process_count: int | None = None) -> grain.IterDataset:
     """The endless, shuffled, per-process training stream (see the module docstring)."""
     data = config.data
     process_index, process_count = _process(process_index, process_count)
@@ -100,18 +112,22 @@ def make_train_loader(config, *, global_batch_size: int, process_index: int | No
     if len(source) < process_count:
         raise ValueError(f"{len(source)} records cannot be split over {process_count} processes.")
     if not 0 <= data.seed < 2**32:
-        raise ValueError(f"config.data.seed must be in [0, 2**32) (grain's sampler seed), got {data.seed}.")
-    if data.worker_count > 0 and not flags.FLAGS.is_parsed():
-        # grain's worker processes read absl flags; outside an absl app (tests, notebooks) use their defaults.
-        flags.FLAGS.mark_as_parsed()
-    shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
-    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=data.shuffle,
-                                          num_epochs=None, seed=data.seed)
-    return grain.DataLoader(
-        data_source=source, sampler=sampler, shard_options=shard,
-        operations=[PickView(), grain.transforms.Batch(batch_size=batch, drop_remainder=True)],
-        worker_count=data.worker_count,
-        read_options=grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
+        raise ValueError(f"config.data.seed must be in [0, 2**32), got {data.seed}.")
+    # Equal shares (the remainder is dropped) keep the processes' epochs in step; striding gives every process a
+    # share of every class even when the records are sorted by class.
+    keys = grain.MapDataset.range(len(source) // process_count * process_count)[process_index::process_count]
+    if data.shuffle:
+        keys = keys.shuffle(seed=data.seed)  # a new permutation every epoch (grain reseeds per epoch)
+    # Each process draws its views from its own stream: same seed, other process -> independent choices.
+    view_seed = int(np.random.SeedSequence((data.seed, process_index)).generate_state(1)[0])
+    ds = keys.repeat().batch(batch, drop_remainder=True).random_map(ReadBatch(source), seed=view_seed)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
+    if data.worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain's worker processes read absl flags; outside an absl app (tests, notebooks) use their defaults.
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+    return ds
 
 
 def make_eval_loader(config, *, global_batch_size: int, codes_dir: str | None = None, view: int | None = None,
@@ -134,11 +150,13 @@ def make_eval_loader(config, *, global_batch_size: int, codes_dir: str | None = 
     per_process = -(-len(source) // process_count)
     num_batches = -(-per_process // batch)
 
-    def element(i):
-        record = source[start + min(i, end - start - 1)]
-        return {"tokens": record["codes"][view].reshape(-1).astype(np.int32), "label": np.int32(record["label"]),
-                "mask": np.bool_(i < end - start)}
+    n = end - start
 
-    return (grain.MapDataset.range(num_batches * batch).map(element)
-            .to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
-            .batch(batch))
+    def read_batch(slots):
+        records = read_records(source, [start + min(int(k), n - 1) for k in slots])
+        return {"tokens": np.stack([r["codes"][view].reshape(-1) for r in records]).astype(np.int32),
+                "label": np.array([r["label"] for r in records], np.int32),
+                "mask": np.asarray(slots) < n}
+
+    return (grain.MapDataset.range(num_batches * batch).batch(batch).map(read_batch)
+            .to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch)))
