@@ -272,7 +272,7 @@ class CodesSource:
         return [self._decode(raw, i) for raw, i in zip(raws, indices)]
 
     def __repr__(self) -> str:
-        # grain compares this string when restoring an iterator: it identifies the data, not where it lives.
+        # Identifies the data, not where it lives (moved codes compare equal).
         m = self.metadata
         return (f"CodesSource(count={m.count}, grid={m.grid_shape}, views={m.num_views}, vocab={m.vocab_size}, "
                 f"tokenizer={m.tokenizer!r}, source={m.source!r})")
