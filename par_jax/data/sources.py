@@ -207,7 +207,7 @@ def fashion_mnist_files(split: str = "train", directory: str = DEBIAN_FASHION_MN
 
 def fashion_mnist(split: str = "train", *, data_dir: str | None = None, download: bool = False,
                   directory: str = DEBIAN_FASHION_MNIST) -> ImageSource:
-    """Fashion-MNIST from tfds when it is prepared (or `download` and online), else from the idx files in `directory`."""
+    """Fashion-MNIST from tfds when prepared (or `download` and online), else from the idx files in `directory`."""
     try:
         return TfdsSource("fashion_mnist", split, data_dir=data_dir, download=download)
     except Exception as e:  # noqa: BLE001 (any tfds failure means: use the files)
