@@ -61,8 +61,8 @@ def convert_gpt(input_path: str, model_cfg, output: str, *, key=None, trust_pick
 
 def convert_vq(input_path: str, vq_cfg, output: str, *, key=None, trust_pickle: bool = False):
     """Read a PyTorch VQ tokenizer checkpoint, convert it for `vq_cfg` and save it for `par_jax.tokenizer.load`."""
-    from par_jax import tokenizer  # noqa: PLC0415
     from par_jax.conversion import io, vq  # noqa: PLC0415
+    from par_jax.training import checkpoint  # noqa: PLC0415
 
     _check_output(output)
     start = time.time()
@@ -70,9 +70,18 @@ def convert_vq(input_path: str, vq_cfg, output: str, *, key=None, trust_pickle: 
     logging.info("read %d tensors (%.2f GiB) from %s in %.1fs", len(sd), _gib(sd), input_path, time.time() - start)
     model = vq.vq_from_state_dict(sd, vq_cfg)
     del sd
-    tokenizer.save(output, model)
+    checkpoint.save_params(output, model)  # the tokenizer's export layout: params + its config as JSON
     logging.info("done in %.1fs: %s (load with par_jax.tokenizer.load)", time.time() - start, output)
     return model
+
+
+def tokenizer_config(config):
+    """The VQConfig of an experiment config's `tokenizer` block; VQ-16 when there is none."""
+    from par_jax import tokenizer  # noqa: PLC0415
+
+    if config is not None and "tokenizer" in config:
+        return tokenizer.from_config_dict(config.tokenizer)
+    return tokenizer.vq_config("vq16")
 
 
 def main(argv):
@@ -93,10 +102,8 @@ def main(argv):
                 convert_gpt(_INPUT.value, from_config_dict(config.model), _OUTPUT.value, key=_KEY.value,
                             trust_pickle=_TRUST_PICKLE.value)
             else:
-                from par_jax import tokenizer  # noqa: PLC0415
-                vq_cfg = (tokenizer.from_config_dict(config.tokenizer)
-                          if config is not None and "tokenizer" in config else tokenizer.vq_config("vq16"))
-                convert_vq(_INPUT.value, vq_cfg, _OUTPUT.value, key=_KEY.value, trust_pickle=_TRUST_PICKLE.value)
+                convert_vq(_INPUT.value, tokenizer_config(config), _OUTPUT.value, key=_KEY.value,
+                           trust_pickle=_TRUST_PICKLE.value)
     except (ConversionError, FileNotFoundError, FileExistsError, ImportError, ValueError, KeyError) as e:
         print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
         sys.exit(1)

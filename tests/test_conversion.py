@@ -24,6 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRANSITION = "spe_tok_embeddings.special_embeddings.weight"
 # float32 model vs float64 reference on logits of size O(1) (measured max difference: 1.3e-6).
 LOGITS_ATOL = 2e-5
+# float32 tokenizer vs float64 reference on decoded pixels (measured max difference: 2.1e-6).
+VQ_ATOL = 2e-5
 
 
 # ----- a PyTorch-layout GPT state dict from known random arrays -----
@@ -427,3 +429,279 @@ def test_convert_cli_writes_a_checkpoint_that_load_params_restores(tmp_path):
     assert result.returncode == 1
     assert "n: the weights have 4, the config has 16" in result.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# ----- the VQ tokenizer: the release's keys, and a NumPy reference of its encode and decode -----
+
+def release_vq_shapes(ch, mult, num_res, attn_levels, z, codebook_size, codebook_dim, in_ch=3):
+    """Key -> shape of the release's VQModel state dict (encoder, quantizer, decoder), written from its structure."""
+    shapes = {}
+
+    def conv(name, cin, cout, k):
+        shapes[name + ".weight"], shapes[name + ".bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        shapes[name + ".weight"], shapes[name + ".bias"] = (c,), (c,)
+
+    def res(name, cin, cout):
+        norm(name + ".norm1", cin)
+        conv(name + ".conv1", cin, cout, 3)
+        norm(name + ".norm2", cout)
+        conv(name + ".conv2", cout, cout, 3)
+        if cin != cout:
+            conv(name + ".nin_shortcut", cin, cout, 1)
+
+    def attn(name, c):
+        norm(name + ".norm", c)
+        for p in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.{p}", c, c, 1)
+
+    def middle(prefix, c):
+        res(prefix + ".mid.0", c, c)
+        attn(prefix + ".mid.1", c)
+        res(prefix + ".mid.2", c, c)
+
+    levels = len(mult)
+    conv("encoder.conv_in", in_ch, ch, 3)
+    cin = ch
+    for i, m in enumerate(mult):
+        for j in range(num_res):
+            res(f"encoder.conv_blocks.{i}.res.{j}", cin, ch * m)
+            cin = ch * m
+            if i in attn_levels:
+                attn(f"encoder.conv_blocks.{i}.attn.{j}", cin)
+        if i < levels - 1:
+            conv(f"encoder.conv_blocks.{i}.downsample.conv", cin, cin, 3)
+    middle("encoder", cin)
+    norm("encoder.norm_out", cin)
+    conv("encoder.conv_out", cin, z, 3)
+    conv("quant_conv", z, codebook_dim, 1)
+    shapes["quantize.embedding.weight"] = (codebook_size, codebook_dim)
+    conv("post_quant_conv", codebook_dim, z, 1)
+    cin = ch * mult[-1]
+    conv("decoder.conv_in", z, cin, 3)
+    middle("decoder", cin)
+    for b, i in enumerate(reversed(range(levels))):  # lowest resolution first
+        for j in range(num_res + 1):
+            res(f"decoder.conv_blocks.{b}.res.{j}", cin, ch * mult[i])
+            cin = ch * mult[i]
+            if i in attn_levels:
+                attn(f"decoder.conv_blocks.{b}.attn.{j}", cin)
+        if i > 0:
+            conv(f"decoder.conv_blocks.{b}.upsample.conv", cin, cin, 3)
+    norm("decoder.norm_out", cin)
+    conv("decoder.conv_out", cin, in_ch, 3)
+    return shapes
+
+
+# Three levels (4x downsampling), a width change (shortcut conv), attention at the last level, 4 GroupNorm groups.
+TINY_VQ = dict(ch=16, mult=(1, 1, 2), num_res=1, attn_levels=(2,), z=8, codebook_size=12, codebook_dim=4)
+
+
+def tiny_vq_config():
+    from par_jax.tokenizer.vq import vq_config
+
+    t = TINY_VQ
+    return vq_config("vq16", image_size=16, base_channels=t["ch"], channel_mult=t["mult"], num_res_blocks=t["num_res"],
+                     attn_levels=t["attn_levels"], z_channels=t["z"], codebook_size=t["codebook_size"],
+                     codebook_dim=t["codebook_dim"], num_groups=4)
+
+
+def random_vq_state_dict(seed, **overrides):
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for key, shape in release_vq_shapes(**dict(TINY_VQ, **overrides)).items():
+        if len(shape) == 4:    # conv weight (out, in, kh, kw)
+            w = rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]))
+        elif key == "quantize.embedding.weight":
+            w = rng.standard_normal(shape)
+        elif key.endswith(".weight"):  # GroupNorm scale
+            w = 1.0 + 0.2 * rng.standard_normal(shape)
+        else:
+            w = 0.1 * rng.standard_normal(shape)
+        sd[key] = w.astype(np.float32)
+    sd["quantize.codebook_used"] = np.zeros(65536, np.float32)  # a training buffer, not a parameter
+    return sd
+
+
+def _conv2d(x, sd, name, stride=1, pad=None):
+    """x (B, C, H, W) with a torch (out, in, kh, kw) weight; pad (top, bottom, left, right), default 'same'."""
+    w, b = sd[name + ".weight"], sd[name + ".bias"]
+    k = w.shape[-1]
+    pad = (k // 2,) * 4 if pad is None else pad
+    x = np.pad(x, ((0, 0), (0, 0), pad[:2], pad[2:]))
+    ho, wo = (x.shape[2] - k) // stride + 1, (x.shape[3] - k) // stride + 1
+    out = np.zeros((x.shape[0], w.shape[0], ho, wo))
+    for u in range(k):
+        for v in range(k):
+            patch = x[:, :, u:u + stride * (ho - 1) + 1:stride, v:v + stride * (wo - 1) + 1:stride]
+            out += np.einsum("bchw,oc->bohw", patch, w[:, :, u, v])
+    return out + b[None, :, None, None]
+
+
+def _group_norm(x, sd, name, groups=4, eps=1e-6):
+    b, c, h, w = x.shape
+    g = x.reshape(b, groups, c // groups, h, w)
+    g = (g - g.mean(axis=(2, 3, 4), keepdims=True)) / np.sqrt(g.var(axis=(2, 3, 4), keepdims=True) + eps)
+    return g.reshape(b, c, h, w) * sd[name + ".weight"][None, :, None, None] + sd[name + ".bias"][None, :, None, None]
+
+
+def _swish(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def _res(x, sd, name):
+    h = _conv2d(_swish(_group_norm(x, sd, name + ".norm1")), sd, name + ".conv1")
+    h = _conv2d(_swish(_group_norm(h, sd, name + ".norm2")), sd, name + ".conv2")
+    if name + ".nin_shortcut.weight" in sd:
+        x = _conv2d(x, sd, name + ".nin_shortcut")
+    return x + h
+
+
+def _attn(x, sd, name):
+    b, c, hh, ww = x.shape
+    y = _group_norm(x, sd, name + ".norm")
+    q, k, v = (_conv2d(y, sd, f"{name}.{p}").reshape(b, c, hh * ww) for p in ("q", "k", "v"))
+    s = np.einsum("bci,bcj->bij", q, k) * c ** -0.5
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = np.einsum("bij,bcj->bci", p, v).reshape(b, c, hh, ww)
+    return x + _conv2d(out, sd, name + ".proj_out")
+
+
+def _blocks(h, sd, prefix, i, num_res):
+    for j in range(num_res):
+        h = _res(h, sd, f"{prefix}.conv_blocks.{i}.res.{j}")
+        if f"{prefix}.conv_blocks.{i}.attn.{j}.q.weight" in sd:
+            h = _attn(h, sd, f"{prefix}.conv_blocks.{i}.attn.{j}")
+    return h
+
+
+def _middle(h, sd, prefix):
+    return _res(_attn(_res(h, sd, prefix + ".mid.0"), sd, prefix + ".mid.1"), sd, prefix + ".mid.2")
+
+
+def _unit(x):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def reference_vq_encode(sd, images):
+    """images (B, H, W, 3) in [-1, 1] -> (codes (B, h, w), cosine margin of the best code over the second)."""
+    sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    levels = len(TINY_VQ["mult"])
+    h = _conv2d(images.transpose(0, 3, 1, 2).astype(np.float64), sd, "encoder.conv_in")
+    for i in range(levels):
+        h = _blocks(h, sd, "encoder", i, TINY_VQ["num_res"])
+        if i < levels - 1:  # zero padding of one row at the bottom and one column at the right, stride 2
+            h = _conv2d(h, sd, f"encoder.conv_blocks.{i}.downsample.conv", stride=2, pad=(0, 1, 0, 1))
+    h = _middle(h, sd, "encoder")
+    h = _conv2d(_swish(_group_norm(h, sd, "encoder.norm_out")), sd, "encoder.conv_out")
+    z = _unit(_conv2d(h, sd, "quant_conv").transpose(0, 2, 3, 1))
+    e = _unit(sd["quantize.embedding.weight"])
+    dist = (z ** 2).sum(-1, keepdims=True) + (e ** 2).sum(-1) - 2 * z @ e.T
+    ordered = np.sort(dist, axis=-1)
+    return np.argmin(dist, axis=-1), (ordered[..., 1] - ordered[..., 0]).min()
+
+
+def reference_vq_decode(sd, codes):
+    """codes (B, h, w) -> images (B, H, W, 3), unclipped."""
+    sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    levels = len(TINY_VQ["mult"])
+    z = _unit(sd["quantize.embedding.weight"])[codes].transpose(0, 3, 1, 2)
+    h = _conv2d(_conv2d(z, sd, "post_quant_conv"), sd, "decoder.conv_in")
+    h = _middle(h, sd, "decoder")
+    for b in range(levels):
+        h = _blocks(h, sd, "decoder", b, TINY_VQ["num_res"] + 1)
+        if b < levels - 1:
+            h = np.repeat(np.repeat(h, 2, axis=2), 2, axis=3)  # nearest-neighbour x2
+            h = _conv2d(h, sd, f"decoder.conv_blocks.{b}.upsample.conv")
+    h = _conv2d(_swish(_group_norm(h, sd, "decoder.norm_out")), sd, "decoder.conv_out")
+    return h.transpose(0, 2, 3, 1)
+
+
+def test_vq16_keys_and_shapes_match_the_release():
+    from par_jax.conversion import vq
+    from par_jax.tokenizer.vq import vq_config
+
+    want = release_vq_shapes(128, (1, 1, 2, 2, 4), 2, (4,), 256, 16384, 8)
+    got = {key: shape for key, (_, shape) in vq.torch_layout(vq_config("vq16")).items()}
+    assert got == want
+    assert sum(math.prod(s) for s in want.values()) == 71_883_403  # "about 72M" (PAR_SPEC section 8)
+
+
+def test_vq_encode_and_decode_match_numpy_reference():
+    sd = random_vq_state_dict(0)
+    model = conversion.vq_from_state_dict(sd, tiny_vq_config())
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    codes = np.asarray(nnx.jit(lambda m, x: m.encode(x))(model, jnp.asarray(images)))  # jit: one compile, not many
+    want_codes, margin = reference_vq_encode(sd, images)
+    assert margin > 1e-4  # no near-ties, so float32 and float64 must pick the same codes
+    assert codes.shape == (2, 4, 4) and len(np.unique(want_codes)) > 3
+    np.testing.assert_array_equal(codes, want_codes)
+    decoded = np.asarray(nnx.jit(lambda m, c: m.decode(c))(model, jnp.asarray(codes)))
+    want = reference_vq_decode(sd, want_codes)
+    assert (np.abs(want) < 1).mean() > 0.5  # most values are inside [-1, 1], not clipped
+    np.testing.assert_allclose(decoded, np.clip(want, -1, 1), atol=VQ_ATOL, rtol=0)
+
+
+def test_vq_export_then_import_is_exact():
+    sd = random_vq_state_dict(2)
+    model = conversion.vq_from_state_dict(sd, tiny_vq_config())
+    out = conversion.vq_to_state_dict(model)
+    del sd["quantize.codebook_used"]
+    _assert_same(out, sd)
+    again = conversion.vq_from_state_dict(out, tiny_vq_config())
+    want = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    got = dict(nnx.to_flat_state(nnx.state(again, nnx.Param)))
+    assert all(np.array_equal(np.asarray(v[...]), np.asarray(got[p][...])) for p, v in want)
+
+
+def test_bad_vq_checkpoints():
+    cfg = tiny_vq_config()
+    sd = random_vq_state_dict(0)
+    del sd["decoder.conv_blocks.0.attn.1.q.bias"]
+    sd["encoder.conv_blocks.0.res.0.conv1.weight"] = np.zeros((16, 16, 1, 1), np.float32)
+    sd["discriminator.conv.weight"] = np.zeros((2, 2), np.float32)
+    with pytest.raises(ConversionError) as e:
+        conversion.vq_from_state_dict(sd, cfg)
+    assert e.value.problems == [
+        "missing     decoder.conv_blocks.0.attn.1.q.bias: expected (32,)",
+        "wrong shape encoder.conv_blocks.0.res.0.conv1.weight: expected (16, 16, 3, 3), found (16, 16, 1, 1)",
+        "unexpected  discriminator.conv.weight: found (2, 2)"]
+    # A codebook of another size: the setting and every key it affects.
+    with pytest.raises(ConversionError) as e:
+        conversion.vq_from_state_dict(random_vq_state_dict(0, codebook_size=16), cfg)
+    assert e.value.problems == ["codebook_size: the weights have 16, the config has 12",
+                                "wrong shape quantize.embedding.weight: expected (12, 4), found (16, 4)"]
+    assert "codebook_size=16" in str(e.value)
+    # Weights of a tokenizer with four levels: the levels and their keys are all named.
+    with pytest.raises(ConversionError) as e:
+        conversion.vq_from_state_dict(random_vq_state_dict(0, mult=(1, 1, 2, 2), attn_levels=(3,)), cfg)
+    assert "channel_mult: the weights have (1, 1, 2, 2), the config has (1, 1, 2)" in str(e.value)
+    assert "unexpected  encoder.conv_blocks.3.res.0.conv1.weight: found (32, 32, 3, 3)" in str(e.value)
+
+
+def test_convert_cli_vq_writes_what_tokenizer_load_reads(tmp_path):
+    from par_jax import tokenizer
+
+    sd = random_vq_state_dict(3)
+    conversion.save_state_dict(sd, tmp_path / "vq.safetensors")
+    t = TINY_VQ
+    (tmp_path / "tiny_vq.py").write_text(
+        "import ml_collections\n\n\ndef get_config():\n    return ml_collections.ConfigDict(dict(tokenizer=dict(\n"
+        f"        name='vq16', image_size=16, base_channels={t['ch']}, channel_mult={t['mult']}, num_res_blocks="
+        f"{t['num_res']}, attn_levels={t['attn_levels']}, z_channels={t['z']}, codebook_size={t['codebook_size']}, "
+        f"codebook_dim={t['codebook_dim']}, num_groups=4)))\n")
+    result = _run_convert("--kind=vq", f"--input={tmp_path / 'vq.safetensors'}", f"--config={tmp_path / 'tiny_vq.py'}",
+                          f"--output={tmp_path / 'vq_ckpt'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = tokenizer.load(tmp_path / "vq_ckpt")
+    assert model.config == tiny_vq_config()
+    del sd["quantize.codebook_used"]
+    _assert_same(conversion.vq_to_state_dict(model), sd)
+    # Without a tokenizer block the target is VQ-16.
+    from configs import par
+    from par_jax import convert
+
+    assert convert.tokenizer_config(None) == tokenizer.vq_config("vq16")
+    assert convert.tokenizer_config(par.get_config("size=tiny")) == tokenizer.vq_config("vq16")
