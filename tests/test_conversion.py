@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -236,6 +235,23 @@ def test_inspect_reads_the_model_shape_from_the_weights():
     assert info["n"] == 1 and info["size"] is None and info["num_layers"] == 3 and info["mlp_hidden"] == 128
 
 
+@pytest.mark.parametrize("size,count_n1,count_n4", [
+    ("B", 110_888_448, 110_890_752), ("L", 342_910_976, 342_914_048), ("XL", 774_699_520, 774_703_360),
+    ("XXL", 1_410_972_672, 1_410_977_280), ("3B", 3_096_659_200, 3_096_668_800)])
+def test_release_key_shapes_add_up_to_the_paper_sizes(size, count_n1, count_n4):
+    from par_jax.conversion import gpt
+
+    for n, count in ((1, count_n1), (4, count_n4)):
+        layout = gpt.torch_layout(model_config(size, n=n, grid_shape=(24, 24)))
+        assert sum(math.prod(e.shape) for e in layout.values()) == count  # PAR_SPEC section 6
+        assert (TRANSITION in layout) == (n > 1)
+    # Zero-stride stand-ins for a full-size file: the checks read shapes only, nothing is allocated.
+    cfg = model_config(size, n=4, grid_shape=(24, 24))
+    fake = {k: np.broadcast_to(np.float32(0), e.shape) for k, e in gpt.torch_layout(cfg).items()}
+    assert conversion.inspect_gpt_state_dict(fake)["size"] == size
+    conversion.check_gpt_state_dict(fake, cfg)
+
+
 # ----- GPT: every kind of bad checkpoint gives its error -----
 
 def _expect_problems(sd, cfg, *fragments):
@@ -264,7 +280,8 @@ def test_bad_gpt_unexpected_key():
 def test_bad_gpt_shape_mismatch():
     sd = random_gpt_state_dict(0)
     sd["layers.0.feed_forward.w2.weight"] = np.zeros((64, 128), np.float32)
-    _expect_problems(sd, tiny_config(), "wrong shape layers.0.feed_forward.w2.weight: expected (64, 256), found (64, 128)")
+    _expect_problems(sd, tiny_config(),
+                     "wrong shape layers.0.feed_forward.w2.weight: expected (64, 256), found (64, 128)")
 
 
 def test_bad_gpt_wrong_n():
@@ -679,6 +696,13 @@ def test_bad_vq_checkpoints():
         conversion.vq_from_state_dict(random_vq_state_dict(0, mult=(1, 1, 2, 2), attn_levels=(3,)), cfg)
     assert "channel_mult: the weights have (1, 1, 2, 2), the config has (1, 1, 2)" in str(e.value)
     assert "unexpected  encoder.conv_blocks.3.res.0.conv1.weight: found (32, 32, 3, 3)" in str(e.value)
+
+
+def test_gpt_and_vq_weights_swapped_say_which_kind_they_are():
+    with pytest.raises(ConversionError, match="weights of a GPT decoder .*--kind=gpt"):
+        conversion.vq_from_state_dict(random_gpt_state_dict(0), tiny_vq_config())
+    with pytest.raises(ConversionError, match="weights of a VQ tokenizer .*--kind=vq"):
+        conversion.gpt_from_state_dict(random_vq_state_dict(0), tiny_config())
 
 
 def test_convert_cli_vq_writes_what_tokenizer_load_reads(tmp_path):

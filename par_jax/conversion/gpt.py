@@ -118,7 +118,9 @@ def _config_problems(found: Mapping[str, Any], cfg: ModelConfig) -> list[str]:
     return problems
 
 
-def _hint(found: Mapping[str, Any]) -> str:
+def _hint(found: Mapping[str, Any], sd: Mapping[str, Any]) -> str:
+    if any(k.startswith(("encoder.", "decoder.", "quantize.")) for k in sd):
+        return "These are the weights of a VQ tokenizer (encoder.*, decoder.*, quantize.*): use --kind=vq."
     desc = ", ".join(f"{k}={found[k]}" for k in ("num_layers", "dim", "vocab_size", "num_classes", "n") if k in found)
     hint = f"The weights look like: {desc}."
     if found.get("size"):
@@ -143,7 +145,7 @@ def check_gpt_state_dict(state_dict: Mapping[str, Any], cfg) -> dict[str, np.nda
         raise checks.ConversionError(
             f"the GPT state dict does not fit the config (num_layers={cfg.num_layers}, num_heads={cfg.num_heads}, "
             f"dim={cfg.dim}, vocab_size={cfg.vocab_size}, num_classes={cfg.num_classes}, n={cfg.n}, "
-            f"grid_shape={cfg.grid_shape})", problems, _hint(found))
+            f"grid_shape={cfg.grid_shape})", problems, _hint(found, sd))
     return sd
 
 

@@ -106,6 +106,8 @@ def check_vq_state_dict(state_dict: Mapping[str, Any], cfg) -> dict[str, np.ndar
         fields = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("codebook_size", "codebook_dim", "base_channels",
                                                                "channel_mult", "num_res_blocks", "z_channels"))
         hint = "The weights look like: " + ", ".join(f"{k}={v}" for k, v in found.items()) + "."
+        if "tok_embeddings.weight" in sd:
+            hint = "These are the weights of a GPT decoder (tok_embeddings, layers.*): convert them with --kind=gpt."
         raise checks.ConversionError(f"the VQ state dict does not fit the tokenizer config ({fields})", problems,
                                      hint)
     return sd
