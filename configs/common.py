@@ -136,5 +136,29 @@ def par_config(arg: str = ""):
         temperature=1.0, top_k=0, top_p=1.0,
     ))
 
-    # --- evaluation (PAR_SPEC section 11): filled by the evaluation work (issue 7) ---
+    # --- evaluation (PAR_SPEC section 11; par_jax.evaluation, docs/evaluation.md). The evaluate job runs this
+    # protocol; during training, config.evals.<name> = dict(every_steps=N, fn="par_jax.evaluation.evaluators:evaluate",
+    # num_samples=1000, ...) runs it on fewer samples (its other keys override fields here). ---
+    config.eval = ml_collections.ConfigDict(dict(
+        name="",                  # results go to WORKDIR/eval/<name> (default: step<S>_<feature_network>_<N>)
+        checkpoint="",            # workdir or checkpoint dir; empty = config.sample.checkpoint, else WORKDIR
+        samples="",               # score an existing ADM .npz (arr_0 images, arr_1 labels) instead of sampling
+        num_samples=50_000, batch_size=64, seed=0,
+        labels="uniform",         # "uniform" (i.i.d. random classes, the paper) | "balanced" (equal counts)
+        resolution=256,           # samples are resized to this (the release's bicubic); 0 = keep the decoded size
+        feature_network="inception",  # "inception" (ADM-comparable) | "fmnist_classifier" (offline; not comparable)
+        inception_weights="",     # pt_inception-2015-12-05-6726825d.pth (or .npz/.safetensors with its keys)
+        classifier="workdirs/fmnist_classifier",  # trained on first use if absent
+        feature_batch_size=64,
+        reference="",             # ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz), or an image source
+                                  # spec like config.data.image_source (e.g. "fashion_mnist"), viewed as in training
+        reference_split="test", reference_count=0,  # for an image source; count 0 = all
+        reference_stats="stored", # "stored": FID from the reference file's mu/sigma when it has them (as ADM)
+        metrics="fid,sfid,is,precision_recall",
+        pr_k=3, is_split_size=5000, fid_min_samples=0,  # 0: FID needs more samples than feature dimensions
+        grid_images=64, save_npz=True,
+    ))
+    if a.runlocal:
+        config.eval.update(num_samples=64, batch_size=16, resolution=0, feature_network="fmnist_classifier",
+                           fid_min_samples=16, metrics="fid,is,precision_recall", grid_images=16)
     return config

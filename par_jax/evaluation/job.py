@@ -1,0 +1,196 @@
+"""The evaluate job: `python -m par_jax.main --config=... --workdir=W --job=evaluate` (PAR_SPEC section 11).
+
+1. Build the feature network and the reference features first (a missing weight file or reference fails in seconds,
+   not after hours of sampling).
+2. Draw `num_samples` samples with uniformly random (or balanced) labels from the checkpoint, in batches sharded over
+   the devices, with progress and ETA; decode them with the tokenizer; resize them to the evaluation resolution with
+   the release's bicubic resize; stream them into an ADM-compatible `samples.npz` (`arr_0` uint8 N x H x W x 3,
+   `arr_1` labels) and save a PNG grid. Or, with `config.eval.samples`, score an existing .npz instead.
+3. Compute the configured metrics and write them through CLU metric writers (scalars, the sample grid, the settings
+   as hparams; TensorBoard under W/eval/<name>) and as `results.json`, which records every setting that changes the
+   numbers: checkpoint, sampling settings, n and the order, seed, N, labels, resolution, reference, feature network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from etils import epath
+
+from par_jax.evaluation import evaluators, features as features_lib, npz
+from par_jax.utils import images as image_utils
+
+RESULTS_FILE = "results.json"
+SAMPLES_FILE = "samples.npz"
+GRID_FILE = "samples_grid.png"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _checkpoint_dir(path: epath.Path) -> tuple[epath.Path, int, str]:
+    """(directory restored, step (-1 when unknown), item "ema" | "params") for a workdir or a checkpoint dir."""
+    from par_jax.training import checkpoint  # noqa: PLC0415
+
+    step_dir = path if (path / "model_config").exists() else checkpoint.latest_step_dir(path)
+    if step_dir is None:
+        raise FileNotFoundError(f"no checkpoint to evaluate in {path}: set --config.eval.checkpoint to a training "
+                                f"workdir or a params-only checkpoint (or --config.eval.samples to a .npz).")
+    step = int(step_dir.name) if step_dir.name.isdigit() else -1
+    return step_dir, step, "ema" if (step_dir / "ema").exists() else "params"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy (tuples to lists, NumPy scalars to Python)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class _Grid:
+    """Keeps the first `count` samples for the PNG / TensorBoard grid."""
+
+    def __init__(self, count: int):
+        self.count, self.images = count, []
+
+    def add(self, images: np.ndarray) -> None:
+        have = sum(len(x) for x in self.images)
+        if have < self.count:
+            self.images.append(images[:self.count - have])
+
+    def picture(self) -> np.ndarray | None:
+        if not self.images:
+            return None
+        images = np.concatenate(self.images)
+        return image_utils.make_grid(images, rows=max(1, int(np.sqrt(len(images)))))
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+    """Run the evaluation protocol of `config.eval`; returns the results record (also written as results.json)."""
+    ec = config.eval
+    names = evaluators.metric_names(ec)
+    is_main = jax.process_index() == 0
+
+    # 1. Feature network and reference set, before any sampling.
+    network = features_lib.build(ec)
+    evaluators.check_network(names, network)
+    reference, reference_record = evaluators.reference_features(ec, config.data, network)
+    logging.info("reference: %s, %d images, FID statistics %s", reference_record["reference"], reference.count,
+                 reference_record["reference_stats"])
+
+    # 2. Samples: from a file, or drawn from the checkpoint.
+    collector = features_lib.FeatureCollector(network)
+    grid = _Grid(int(ec.grid_images))
+    settings: dict[str, Any] = {}
+    if ec.samples:
+        shape, _ = npz.read_header(ec.samples)
+        labels = None
+        with np.load(ec.samples) as f:
+            if "arr_1" in f.files:
+                labels = f["arr_1"]
+        if "class_consistency" in names and labels is None:
+            raise ValueError(f"{ec.samples} has no arr_1 labels, which class_consistency needs.")
+        step, out_name = -1, ec.name or f"file_{network.name}_{shape[0]}"
+        start = 0
+        for images in npz.iter_batches(ec.samples, network.batch_size):
+            collector.add(images, None if labels is None else labels[start:start + len(images)])
+            grid.add(images)
+            start += len(images)
+        settings["samples_file"] = os.path.abspath(ec.samples)
+        settings["num_samples"] = int(shape[0])
+        out_dir = epath.Path(workdir) / "eval" / out_name
+    else:
+        from par_jax import sampling, tokenizer as tokenizer_lib  # noqa: PLC0415
+        from par_jax.training import checkpoint  # noqa: PLC0415
+
+        step_dir, step, item = _checkpoint_dir(epath.Path(ec.checkpoint or config.sample.checkpoint or workdir))
+        model = checkpoint.restore_model(step_dir)
+        if not config.data.tokenizer:
+            raise ValueError("set --config.data.tokenizer to the tokenizer the training codes were extracted with.")
+        tokenizer = tokenizer_lib.load(config.data.tokenizer)
+        sample_settings = sampling.SampleSettings.from_config(config.sample)
+        labels = evaluators.make_labels(int(ec.num_samples), model.config.num_classes, ec.labels, int(ec.seed))
+        out_dir = epath.Path(workdir) / "eval" / (ec.name or f"step{step}_{network.name}_{len(labels)}")
+        if is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        height, width = (int(ec.resolution),) * 2 if ec.resolution else \
+            tuple(g * tokenizer.config.downsample for g in model.config.grid_shape)
+        writer = (npz.NpzWriter(str(out_dir / SAMPLES_FILE), len(labels), (height, width, 3))
+                  if ec.save_npz and is_main else None)
+        try:
+            for images, part in evaluators.generate(model, tokenizer, labels, sample_settings, seed=int(ec.seed),
+                                                    batch_size=int(ec.batch_size), resolution=int(ec.resolution)):
+                if writer is not None:
+                    writer.write(images, part)
+                collector.add(images, part)
+                grid.add(images)
+        finally:
+            if writer is not None:
+                writer.close()
+        settings.update({
+            "checkpoint": str(step_dir), "checkpoint_step": step, "weights": item,
+            "model": _plain(dataclasses.asdict(model.config)),
+            "tokenizer": str(config.data.tokenizer), "tokenizer_config": _plain(dataclasses.asdict(tokenizer.config)),
+            "sampling": _plain(dataclasses.asdict(sample_settings)),
+            "n": model.config.n, "order": model.config.order_kind, "num_steps": model.config.layout.num_steps,
+            "num_samples": len(labels), "batch_size": int(ec.batch_size), "seed": int(ec.seed),
+            "labels": ec.labels, "samples_file": str(out_dir / SAMPLES_FILE) if ec.save_npz else "",
+        })
+    out_dir = epath.Path(out_dir)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # 3. Metrics, writers, record.
+    samples = collector.result()
+    results = evaluators.compute_metrics(names, samples, reference, network, ec)
+    settings.update({
+        "resolution": int(ec.resolution) or "decoded size",
+        "resize": "PyTorch bicubic (a=-0.75, align_corners=False, no antialias); uint8 = clamp(127.5x+128) truncated",
+        **reference_record,
+        "feature_network": network.name, "feature_network_info": _plain(network.info),
+        "metrics": names, "pr_k": int(ec.pr_k), "is_split_size": int(ec.is_split_size),
+        "backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count(),
+        "par_jax_commit": _git_commit(), "jax": jax.__version__,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+    record = {"metrics": results, "comparable_to_published": network.comparable_to_published,
+              "feature_network_description": network.description, "settings": settings}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in results.items())
+    logging.info("evaluation (%s): %s", network.name, summary)
+    if not network.comparable_to_published:
+        logging.info("these %s numbers are NOT comparable with published ImageNet FID/IS.", network.name)
+
+    writer = metric_writers.create_default_writer(str(out_dir), just_logging=not is_main)
+    write_step = max(step, 0)
+    writer.write_scalars(write_step, {f"eval/{k}": v for k, v in results.items()})
+    picture = grid.picture()
+    if picture is not None:
+        writer.write_images(write_step, {"eval/samples": picture[None]})
+    writer.write_hparams({k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))})
+    writer.flush()
+    writer.close()
+    if is_main:
+        if picture is not None:
+            image_utils.save_png(str(out_dir / GRID_FILE), picture)
+        (out_dir / RESULTS_FILE).write_text(json.dumps(_plain(record), indent=1))
+        logging.info("results in %s", out_dir / RESULTS_FILE)
+    return record
