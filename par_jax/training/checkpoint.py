@@ -15,6 +15,7 @@ single one. `load_params` reads either; `restore_model` also finds the latest st
 from __future__ import annotations
 
 import dataclasses
+import logging as std_logging
 import signal
 import threading
 from typing import Any, Iterator, Optional
@@ -156,6 +157,19 @@ def restore_model(workdir_or_path, cfg: Optional[ModelConfig] = None, *, shardin
 
 # ----- training checkpoints -----
 
+class _QuietOrbax:
+    """A logging filter dropping orbax's INFO chatter (dozens of lines per save); its warnings and errors stay."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    logger = logging.get_absl_logger()
+    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+        logger.addFilter(_QuietOrbax())
+
+
 class TrainCheckpointer:
     """CheckpointManager for training state + data iterator: asynchronous, keeps the latest few, and saves on
     preemption (SIGTERM here; on TPU pods and multi-host jobs also JAX's preemption sync point).
@@ -164,6 +178,7 @@ class TrainCheckpointer:
     """
 
     def __init__(self, workdir, *, max_to_keep: int = 3, save_every_steps: int = 1000, asynchronous: bool = True):
+        quiet_orbax_logs()
         self.directory = epath.Path(workdir) / CHECKPOINTS_DIR
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_every_steps, create=True,

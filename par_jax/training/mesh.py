@@ -19,7 +19,8 @@ BATCH_AXES = ("data", "fsdp")
 
 def mesh_shape(sizes: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, int, int]:
     """Resolve sizes for (data, fsdp, tensor), at most one of them -1, to a shape whose product is `num_devices`."""
-    if isinstance(sizes, Mapping):
+    if not isinstance(sizes, (list, tuple)):  # a mapping or a ConfigDict (config.mesh)
+        sizes = dict(sizes)
         unknown = sorted(set(sizes) - set(AXES) - {"rules"})
         if unknown:
             raise ValueError(f"unknown mesh axes {unknown}; the mesh axes are {AXES}.")

@@ -1,0 +1,393 @@
+r"""Training: `train_and_evaluate(config, workdir)`, the PAR decoder trained on token codes.
+
+Reads top to bottom: logging, mesh, input, model and optimizer, sharding, update step (compiled ahead of time),
+checkpoint, evaluators, loop.
+
+  python -m par_jax.main --config=configs/par.py:size=XL,n=4 --workdir=DIR
+  python -m par_jax.main --config=configs/par.py:runlocal --workdir=/tmp/par_local      # CPU, minutes
+
+The run resumes by itself from the latest checkpoint in WORKDIR/checkpoints (model, optimizer, step and the data
+iterator's position). A SIGTERM (preemption) saves and stops at the next step; a non-finite loss stops the run at
+once and never overwrites the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from par_jax.model import ModelConfig, ParTransformer, from_config_dict
+from par_jax.training import checkpoint
+from par_jax.training import evaluators as evaluators_lib
+from par_jax.training import flops as flops_lib
+from par_jax.training import mesh as mesh_lib
+from par_jax.training import optim
+from par_jax.training import sharding
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss (or gradient norm) became NaN or infinite; the run stopped without saving that state."""
+
+
+# ----- the train step -----
+
+def loss_fn(params, graphdef, tokens, labels, rng):
+    model = nnx.merge(graphdef, params)
+    loss, _ = model(tokens, labels, rng=rng, return_logits=False)
+    return loss
+
+
+def train_step(state: dict, batch: Mapping[str, jax.Array], *, graphdef, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, dropout_key: jax.Array, grad_accum_steps: int, ema_decay: float,
+               micro_sharding: NamedSharding | None):
+    """One optimizer update. Per-step dropout keys: fold_in(dropout_key, step) (then the micro-batch index)."""
+    step = state["step"]
+    key = jax.random.fold_in(dropout_key, step)
+    grad_fn = jax.value_and_grad(loss_fn)
+    tokens, labels = batch["tokens"], batch["label"]
+    if grad_accum_steps == 1:
+        loss, grads = grad_fn(state["params"], graphdef, tokens, labels, key)
+    else:
+        k = grad_accum_steps
+
+        def micro(x):
+            # Row b*k + j goes to micro-batch j: each device keeps its own rows (no data movement).
+            x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+            return x if micro_sharding is None else jax.lax.with_sharding_constraint(
+                x, NamedSharding(micro_sharding.mesh, P(None, *micro_sharding.spec[:1], *([None] * (x.ndim - 2)))))
+
+        def body(carry, xs):
+            loss_sum, grad_sum = carry
+            t, lab, j = xs
+            loss, grads = grad_fn(state["params"], graphdef, t, lab, jax.random.fold_in(key, j))
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                        (micro(tokens), micro(labels), jnp.arange(k)))
+        loss, grads = loss / k, jax.tree.map(lambda g: g / k, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
+    if "ema" in state:
+        new_state["ema"] = optim.ema_update(state["ema"], params, ema_decay)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
+               "update_norm": optax.global_norm(updates), "lr": schedule(step)}
+    return new_state, metrics
+
+
+# ----- state, shardings and the compiled step -----
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything that turns a batch into an update on a given mesh: built once per run (and by the benchmark)."""
+    model_cfg: ModelConfig
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    init: Callable[[], dict]                  # () -> state, born sharded
+    step: Any                                 # jitted (state, batch) -> (state, metrics); state donated
+    abstract_state: dict                      # ShapeDtypeStructs carrying the shardings
+    state_shardings: dict
+    batch_shardings: dict
+
+    def put(self, batch: Mapping[str, np.ndarray]) -> dict:
+        """This process's part of the batch -> global arrays split over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], np.asarray(batch[k]))
+                for k in self.batch_shardings}
+
+    def abstract_batch(self, global_batch: int) -> dict:
+        shapes = {"tokens": ((global_batch, self.model_cfg.num_tokens), jnp.int32), "label": ((global_batch,),
+                                                                                              jnp.int32)}
+        return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_shardings[k]) for k, (s, d) in shapes.items()}
+
+    def compile(self, global_batch: int):
+        """Ahead-of-time compile for the real shapes and shardings, logging XLA's memory and cost analysis."""
+        start = time.perf_counter()
+        compiled = self.step.lower(self.abstract_state, self.abstract_batch(global_batch)).compile()
+        logging.info("train step compiled in %.1fs", time.perf_counter() - start)
+        log_memory_analysis(compiled)
+        return compiled
+
+    def model(self, state: dict, ema: bool = True) -> ParTransformer:
+        return nnx.merge(self.graphdef, state["ema"] if ema and "ema" in state else state["params"])
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, schedule: optax.Schedule,
+                 model_cfg: ModelConfig | None = None) -> Trainer:
+    model_cfg = model_cfg or from_config_dict(config.model)
+    rules = sharding.rules_from_config(config.mesh.get("rules"))
+    abstract_model = nnx.eval_shape(lambda: ParTransformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, model_state = nnx.split(abstract_model)
+    specs = sharding.logical_specs(model_state)
+    tx = optim.make_optimizer(config.optimizer, schedule, specs)
+    ema_decay = float(config.optimizer.ema_decay)
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"optimizer.ema_decay must be in [0, 1) (0 = no EMA), got {ema_decay}.")
+    seed = int(config.seed)
+
+    def init() -> dict:
+        params = checkpoint.params_of(ParTransformer(model_cfg, rngs=nnx.Rngs(seed)))
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        if ema_decay > 0:
+            state["ema"] = jax.tree.map(jnp.copy, params)
+        return state
+
+    abstract = jax.eval_shape(init)
+    param_sh = sharding.param_shardings(abstract["params"], specs, mesh, rules)
+    replicated = sharding.replicated(mesh)
+    state_sh = {"step": replicated, "params": param_sh,
+                "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
+                                                   transform_non_params=lambda _: replicated)}
+    if "ema" in abstract:
+        state_sh["ema"] = param_sh
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
+    batch_sh = {"tokens": sharding.batch_sharding(mesh, rules, 2), "label": sharding.batch_sharding(mesh, rules, 1)}
+    step = functools.partial(
+        train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+        dropout_key=jax.random.fold_in(jax.random.key(seed), 1), grad_accum_steps=int(config.train.grad_accum_steps),
+        ema_decay=ema_decay, micro_sharding=batch_sh["tokens"])
+    return Trainer(
+        model_cfg=model_cfg, mesh=mesh, graphdef=graphdef,
+        init=jax.jit(init, out_shardings=state_sh),
+        step=jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                     donate_argnums=0),
+        abstract_state=abstract_state, state_shardings=state_sh, batch_shardings=batch_sh)
+
+
+def log_memory_analysis(compiled) -> None:
+    try:
+        mem = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        mem = None
+    if mem is None:
+        logging.info("memory analysis: not available on this backend")
+        return
+    gib = 2.0**30
+    logging.info("train step memory per device: arguments %.3f GiB, outputs %.3f GiB, temporaries %.3f GiB, "
+                 "aliased (donated) %.3f GiB, code %.3f GiB",
+                 mem.argument_size_in_bytes / gib, mem.output_size_in_bytes / gib, mem.temp_size_in_bytes / gib,
+                 mem.alias_size_in_bytes / gib, mem.generated_code_size_in_bytes / gib)
+
+
+# ----- run length -----
+
+def run_length(config: ml_collections.ConfigDict, num_examples: Callable[[], int]) -> tuple[int, int]:
+    """(total steps, warmup steps) from train.num_steps or train.num_epochs, and the optimizer's warmup."""
+    tc, oc = config.train, config.optimizer
+    steps_per_epoch = None
+    if tc.num_steps > 0:
+        total = int(tc.num_steps)
+    else:
+        steps_per_epoch = num_examples() / tc.batch_size
+        total = int(math.ceil(tc.num_epochs * steps_per_epoch))
+        if total < 1:
+            raise ValueError(f"train.num_epochs={tc.num_epochs} gives no steps; set train.num_steps or num_epochs.")
+    if oc.warmup_steps < 0 and steps_per_epoch is None:
+        steps_per_epoch = num_examples() / tc.batch_size
+    return total, optim.warmup_steps(oc, steps_per_epoch or 0.0)
+
+
+def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Errors a run would otherwise hit late (after compiling, or at the first checkpoint)."""
+    tc = config.train
+    shards, k = mesh_lib.num_batch_shards(mesh), int(tc.grad_accum_steps)
+    if k < 1:
+        raise ValueError(f"train.grad_accum_steps must be >= 1, got {k}.")
+    if tc.batch_size % (shards * k):
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by grad_accum_steps ({k}) x the "
+                         f"batch shards of the mesh (data x fsdp = {shards}).")
+    if tc.batch_size % jax.process_count():
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {jax.process_count()} processes.")
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if tc[key] < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {tc[key]}.")
+    if tc.sample_every_steps < 0:
+        raise ValueError("train.sample_every_steps must be >= 0 (0 = no sample grids).")
+
+
+# ----- health metrics, progress and the non-finite check -----
+
+class MetricsLog:
+    """Fetches every step's metrics (one step late, so the device stays busy), stops on a non-finite loss, and
+    writes scalars every `every` steps with throughput: steps/s, tokens/s and MFU over the last window."""
+
+    def __init__(self, writer, every: int, tokens_per_step: int, flops_per_step: float, peak_flops: float,
+                 ckpt: checkpoint.TrainCheckpointer):
+        self.writer, self.every, self.ckpt = writer, every, ckpt
+        self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.last_loss = float("nan")
+
+    def record(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+        values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            self.ckpt.wait()
+            good = self.ckpt.latest_step()
+            where = (f"the last good checkpoint is step {good} in {self.ckpt.directory}; rerunning the same command "
+                     f"resumes from it" if good is not None else "no checkpoint had been saved yet")
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {step} (loss {values['loss']}, grad norm {values['grad_norm']}, "
+                f"lr {values['lr']:.3g}). Training stopped without saving this state; {where}. Usual causes: a "
+                f"learning rate too high or too little warmup (optimizer.lr, optimizer.warmup_*), float16 overflow "
+                f"(use model.dtype=bfloat16), or a corrupt batch (token ids outside [0, vocab_size)).")
+        self.last_loss = values["loss"]
+        self.window_steps += 1
+        if step % self.every == 0:
+            elapsed = time.perf_counter() - self.window_start
+            steps_per_sec = self.window_steps / elapsed
+            values["steps_per_sec"] = steps_per_sec
+            values["tokens_per_sec"] = steps_per_sec * self.tokens_per_step
+            values["mfu"] = steps_per_sec * self.flops_per_step / (self.peak_flops * jax.device_count())
+            self.writer.write_scalars(step, {f"train/{k}": v for k, v in values.items()})
+            self.window_start, self.window_steps = time.perf_counter(), 0
+
+
+# ----- sample grids -----
+
+class SampleGrids:
+    """Every `every` steps: sample one image per class (the first classes), decode with the run's tokenizer, write a
+    PNG under WORKDIR/samples and to TensorBoard. Needs par_jax.sampling and config.data.tokenizer."""
+
+    def __init__(self, config, workdir: epath.Path, writer):
+        self.every = int(config.train.sample_every_steps)
+        self.config, self.workdir, self.writer = config, workdir, writer
+        self._tokenizer = None
+        if self.every and not config.data.get("tokenizer"):
+            logging.warning("train.sample_every_steps=%d but config.data.tokenizer is empty: no sample grids (codes "
+                            "cannot be turned into images without the tokenizer).", self.every)
+            self.every = 0
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def __call__(self, model: ParTransformer, step: int) -> None:
+        from par_jax import sampling, tokenizer  # noqa: PLC0415 (only runs that draw samples need them)
+        from par_jax.utils import images  # noqa: PLC0415
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer.load(self.config.data.tokenizer)
+        cfg = model.config
+        num = int(self.config.train.sample_num_images)
+        labels = jnp.arange(num, dtype=jnp.int32) % cfg.num_classes
+        s = self.config.sample
+        settings = sampling.SampleSettings(guidance=s.guidance, guidance_schedule=s.guidance_schedule,
+                                           guidance_stop_step=s.guidance_stop_step, temperature=s.temperature,
+                                           top_k=s.top_k, top_p=s.top_p)
+        tokens = sampling.sample(model, labels, jax.random.fold_in(jax.random.key(s.seed), step), settings)
+        pixels = np.asarray(self._tokenizer.decode(tokens.reshape(num, *cfg.grid_shape)))
+        grid = images.make_grid(pixels, rows=max(1, int(math.sqrt(num))))
+        if jax.process_index() == 0:
+            images.save_png(str(self.workdir / "samples" / f"step_{step:08d}.png"), grid)
+        self.writer.write_images(step, {"samples": grid[None]})
+
+
+# ----- the loop -----
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (resuming from `workdir` if it has checkpoints) and return the final train metrics."""
+    from par_jax.data import pipeline  # noqa: PLC0415 (TensorFlow-free import path for the rest of the module)
+
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_cfg = from_config_dict(config.model)
+    tc = config.train
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
+                              if isinstance(v, (int, float, str, bool))})
+
+    mesh = mesh_lib.create_mesh(config.mesh)
+    check_config(config, mesh)
+    logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+
+    loader = pipeline.make_train_loader(config, global_batch_size=tc.batch_size)
+    data_iter = iter(loader)
+    total_steps, warmup = run_length(config, lambda: len(pipeline.make_codes_source(config)))
+    schedule = optim.learning_rate_schedule(config.optimizer, total_steps, warmup)
+
+    trainer = make_trainer(config, mesh, schedule, model_cfg)
+    logging.info("model %s: %d parameters; %d steps (%d warmup) at batch %d", config.model.get("size", "?"),
+                 sum(x.size for x in jax.tree.leaves(trainer.abstract_state["params"])), total_steps, warmup,
+                 tc.batch_size)
+
+    ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=tc.keep_checkpoints,
+                                        save_every_steps=tc.checkpoint_every_steps,
+                                        asynchronous=tc.async_checkpoints)
+    evaluators = evaluators_lib.Evaluators(config.get("evals"))
+    samples = SampleGrids(config, workdir, writer)
+    start = ckpt.latest_step()
+    with jax.set_mesh(mesh):
+        if start is None:
+            start, state = 0, trainer.init()
+        else:
+            state = ckpt.restore(start, trainer.abstract_state, data_iter)
+            logging.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
+        if start >= total_steps:
+            logging.info("nothing to do: step %d of %d already reached", start, total_steps)
+            ckpt.close()
+            return {}
+        compiled = trainer.compile(tc.batch_size)
+
+        peak, source = flops_lib.peak_flops_per_device(model_cfg.dtype, float(tc.peak_flops))
+        flops_per_step = flops_lib.train_flops_per_example(model_cfg) * tc.batch_size
+        logging.info("MFU against %.3g FLOP/s per device (%s); %.3g model FLOPs per step", peak, source,
+                     flops_per_step)
+        log = MetricsLog(writer, tc.log_every_steps, tc.batch_size * model_cfg.num_tokens, flops_per_step, peak,
+                         ckpt)
+        progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                                   every_steps=tc.log_every_steps)
+        ckpt.install_sigterm_handler()
+        pending = None
+        try:
+            for step in range(start + 1, total_steps + 1):  # `step` = updates done once this iteration ends
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, metrics = compiled(state, trainer.put(next(data_iter)))
+                if pending is not None:
+                    log.record(*pending)
+                pending = (step, metrics)
+                progress(step)
+                last, preempted = step == total_steps, ckpt.preempted(step)
+                if last or preempted or ckpt.manager.should_save(step):
+                    log.record(*pending)  # never save a state whose loss is not finite
+                    pending = None
+                    ckpt.save(step, state, data_iter, model_cfg, force=last or preempted)
+                if samples.due(step) or evaluators.due(step, last):
+                    with progress.timed("eval"):
+                        model = trainer.model(state)
+                        if samples.due(step):
+                            samples(model, step)
+                        writer.write_scalars(step, evaluators.run(evaluators.due(step, last), model, config,
+                                                                  step=step, workdir=workdir))
+                if preempted:
+                    logging.warning("preempted: saved step %d, stopping", step)
+                    break
+            if pending is not None:
+                log.record(*pending)
+        finally:
+            ckpt.close()
+            writer.flush()
+    return {"step": step, "loss": log.last_loss}
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
