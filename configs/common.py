@@ -134,6 +134,7 @@ def par_config(arg: str = ""):
         guidance_schedule="constant",   # "constant" | "linear" (ramp from 1 to `guidance` over the steps)
         guidance_stop_step=-1,          # switch guidance off from this step on (-1: never)
         temperature=1.0, top_k=0, top_p=1.0,
+        tokenizer="",             # decodes the tokens to images; empty = config.data.tokenizer (none: token maps)
     ))
 
     # --- evaluation (PAR_SPEC section 11; par_jax.evaluation, docs/evaluation.md). The evaluate job runs this

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m par_jax.bench.<name>` prints a table and writes JSON (medians, machine, ratios to a floor)."""

@@ -1,0 +1,223 @@
+r"""Sampling speed against floors measured in the same process.
+
+    python -m par_jax.bench.sample --size=B --n=1,4,16 --grid=24x24 --batch=1 --guidance=1.5 --dtype=float32
+
+For each n: compile time, seconds per batch (median of --runs timed calls after a warm-up call), ms per step, steps,
+images/s, and two floors:
+  matmul floor     the same steps' weight matmuls alone (every layer's q|k|v, output, w1, w3, w2 and the vocabulary
+                   head, at the same row counts, chained through the same scans), nothing else. The fastest of a few
+                   formulations is taken, so the ratio says how far the sampler is from what this machine's matrix
+                   units allow at these shapes.
+  bandwidth floor  the weight bytes read per step over a measured memory-copy bandwidth (the larger of a NumPy copy
+                   and an XLA copy of a buffer larger than the caches; bytes read + written per second, as STREAM).
+Weights are random (the head too), so nothing is downloaded. The PyTorch release needs about 40 s (n=1), 15.7 s (n=4)
+and 7.9 s (n=16) per image at size B, 24x24 tokens, batch 1, guidance 1.5 on a 2-core CPU of the kind used for
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from par_jax.model import ParTransformer, model_config
+from par_jax.sampling.sampler import SampleSettings, Sampler, step_widths
+
+# PyTorch release, size B, 24x24, batch 1, guidance 1.5, float32, 2-core CPU (issue 3): seconds per image.
+TORCH_RELEASE_CPU_S = {1: 40.0, 4: 15.7, 16: 7.9}
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def timed(fn, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def copy_bandwidth(num_bytes: int = 1 << 30, runs: int = 5) -> float:
+    """Memory-copy bandwidth in bytes/s (read + write), the larger of a NumPy copy and an XLA copy."""
+    src = np.ones(num_bytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best_np = min(timed(lambda: np.copyto(dst, src), runs))
+    x = jnp.asarray(src)
+    del src, dst
+    copy = jax.jit(lambda a: a[::-1])  # a real read of every element and a write of every element
+    copy(x).block_until_ready()
+    best_xla = min(timed(lambda: copy(x), runs))
+    return 2 * num_bytes / min(best_np, best_xla)
+
+
+def weight_matrices(model: ParTransformer) -> dict:
+    """The matrices one decoding step reads, as 2D (in, out) views (stacked over layers when scanned)."""
+    cfg = model.config
+    layers = model.layers
+    dt = jnp.dtype(cfg.dtype)
+    L, d, hd = cfg.num_layers, cfg.dim, cfg.num_heads * cfg.head_dim
+    get = lambda p: p[...].astype(dt)
+    if not cfg.scan_layers:
+        stack = lambda f: jnp.stack([f(b) for b in layers])
+        wqkv, wo = stack(lambda b: get(b.attention.wqkv)), stack(lambda b: get(b.attention.wo))
+        w1, w3, w2 = (stack(lambda b, k=k: get(getattr(b.feed_forward, k))) for k in ("w1", "w3", "w2"))
+    else:
+        wqkv, wo = get(layers.attention.wqkv), get(layers.attention.wo)
+        w1, w3, w2 = get(layers.feed_forward.w1), get(layers.feed_forward.w3), get(layers.feed_forward.w2)
+    return {"wqkv": wqkv.reshape(L, d, 3 * hd), "wo": wo.reshape(L, hd, d), "w1": w1, "w3": w3, "w2": w2,
+            "output": get(model.output)}
+
+
+def weight_bytes_per_step(model: ParTransformer) -> int:
+    return sum(int(np.prod(w.shape)) * w.dtype.itemsize for w in weight_matrices(model).values())
+
+
+def matmul_floor_fn(segments, rows_per_token: int, form: str):
+    """A jitted function running only the weight matmuls of every step (same row counts, same scans)."""
+    def mm(x, w):
+        if form == "xw":
+            return x @ w
+        return jnp.einsum("ok,rk->ro", w.T, x)  # weights read as (out, in)
+
+    def one_step(h, w):
+        def layer(h, lw):
+            qkv = mm(h, lw["wqkv"])
+            h = h + mm(qkv[:, : h.shape[1]], lw["wo"])
+            h = h + mm(mm(h, lw["w1"]) * mm(h, lw["w3"]), lw["w2"])
+            return h, None
+        stacked = {k: v for k, v in w.items() if k != "output"}
+        h, _ = jax.lax.scan(layer, h, stacked)
+        logits = mm(h, w["output"])
+        return h + logits[:, : h.shape[1]] * 1e-6  # keeps the steps in a chain, as in sampling
+
+    @jax.jit
+    def run(w):
+        out = []
+        for width, count in segments:
+            h = jnp.ones((rows_per_token * width, w["wo"].shape[-1]), w["wo"].dtype) * 1e-3
+            h, _ = jax.lax.scan(lambda h, _: (one_step(h, w), None), h, None, length=count)
+            out.append(h.sum())
+        return sum(out)
+    return run
+
+
+def bench_one(args, n: int, bandwidth: float) -> dict:
+    cfg = model_config(args.size, n=n, grid_shape=args.grid, vocab_size=args.vocab, num_classes=args.num_classes,
+                       dtype=args.dtype)
+    model = ParTransformer(cfg, rngs=nnx.Rngs(0))
+    model.output[...] = jax.random.normal(jax.random.key(1), model.output.shape) * cfg.init_std  # non-trivial head
+    settings = SampleSettings(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p)
+    sampler = Sampler(model, settings, batch_size=args.batch)
+    compile_s = sampler.compile()
+    labels = np.arange(args.batch, dtype=np.int32) % cfg.num_classes
+    key = jax.random.key(0)
+    for _ in range(args.warmup):
+        jax.block_until_ready(sampler(labels, key))
+    times = timed(lambda: sampler(labels, key), args.runs)
+    per_batch = statistics.median(times)
+    steps = cfg.layout.num_steps
+
+    segments = step_widths(cfg.layout)
+    rows_per_token = args.batch * (2 if settings.guided else 1)
+    w = weight_matrices(model)
+    floors = {}
+    for form in args.floor_forms.split(","):
+        fn = matmul_floor_fn(segments, rows_per_token, form)
+        jax.block_until_ready(fn(w))
+        floors[form] = statistics.median(timed(lambda: fn(w), args.runs))
+    matmul_floor = min(floors.values())
+    wbytes = weight_bytes_per_step(model)
+    bw_floor = steps * wbytes / bandwidth
+    row = {
+        "size": args.size, "n": n, "grid": list(cfg.grid_shape), "batch": args.batch, "guidance": args.guidance,
+        "dtype": args.dtype, "steps": steps, "compile_s": compile_s, "s_per_batch": per_batch,
+        "s_per_batch_runs": times, "ms_per_step": 1e3 * per_batch / steps, "images_per_s": args.batch / per_batch,
+        "matmul_floor_s": matmul_floor, "matmul_floor_by_form_s": floors, "vs_matmul_floor": per_batch / matmul_floor,
+        "weight_bytes_per_step": wbytes, "bandwidth_floor_s": bw_floor, "vs_bandwidth_floor": per_batch / bw_floor,
+    }
+    ref = TORCH_RELEASE_CPU_S.get(n)
+    if ref and args.size == "B" and tuple(cfg.grid_shape) == (24, 24) and args.batch == 1 and jax.devices()[0].platform == "cpu":
+        row["torch_release_s_per_image"] = ref
+        row["speedup_vs_torch_release"] = ref / per_batch
+    del model, sampler, w
+    return row
+
+
+def parse_grid(text: str) -> tuple[int, ...]:
+    return tuple(int(g) for g in text.lower().split("x"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="B")
+    p.add_argument("--n", default="1,4,16", help="comma-separated tokens per step")
+    p.add_argument("--grid", default="24x24", type=parse_grid, help="HxW or TxHxW tokens")
+    p.add_argument("--batch", default=1, type=int)
+    p.add_argument("--guidance", default=1.5, type=float)
+    p.add_argument("--temperature", default=1.0, type=float)
+    p.add_argument("--top_k", default=0, type=int)
+    p.add_argument("--top_p", default=1.0, type=float)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--vocab", default=16384, type=int)
+    p.add_argument("--num_classes", default=1000, type=int)
+    p.add_argument("--runs", default=3, type=int, help="timed calls after the warm-up (median reported)")
+    p.add_argument("--warmup", default=1, type=int)
+    p.add_argument("--floor_forms", default="xw,wt", help="matmul formulations tried for the floor")
+    p.add_argument("--json", default="bench_sample.json")
+    args = p.parse_args(argv)
+    if args.runs < 3:
+        p.error("--runs must be at least 3 (the median of several runs is reported).")
+
+    info = machine()
+    bandwidth = copy_bandwidth()
+    info["copy_bandwidth_GBps"] = bandwidth / 1e9
+    print(f"# {info['cpu']} ({info['cpu_count']} cores), {info['platform']} x{info['device_count']}, jax "
+          f"{info['jax']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, load average {info['loadavg_start']:.2f}")
+    rows = []
+    for n in (int(x) for x in args.n.split(",")):
+        rows.append(bench_one(args, n, bandwidth))
+        r = rows[-1]
+        print(f"  n={n}: {r['s_per_batch']:.2f} s/batch (runs {', '.join(f'{t:.2f}' for t in r['s_per_batch_runs'])})",
+              flush=True)
+    info["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    head = (f"{'n':>3} {'steps':>5} {'compile s':>9} {'s/batch':>8} {'ms/step':>8} {'img/s':>7} {'matmul floor':>12} "
+            f"{'x floor':>7} {'bw floor':>8} {'x bw':>5} {'torch s':>7} {'speedup':>7}")
+    print(f"\nsize {args.size}, grid {'x'.join(map(str, args.grid))}, batch {args.batch}, guidance {args.guidance}, "
+          f"{args.dtype}, median of {args.runs} runs")
+    print(head)
+    for r in rows:
+        torch = f"{r['torch_release_s_per_image']:7.1f} {r['speedup_vs_torch_release']:6.1f}x" if "torch_release_s_per_image" in r else f"{'-':>7} {'-':>7}"
+        print(f"{r['n']:>3} {r['steps']:>5} {r['compile_s']:>9.1f} {r['s_per_batch']:>8.2f} {r['ms_per_step']:>8.1f} "
+              f"{r['images_per_s']:>7.2f} {r['matmul_floor_s']:>12.2f} {r['vs_matmul_floor']:>6.2f}x "
+              f"{r['bandwidth_floor_s']:>8.2f} {r['vs_bandwidth_floor']:>4.2f}x {torch}")
+    with open(args.json, "w") as f:
+        json.dump({"machine": info, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+                   "results": rows}, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
