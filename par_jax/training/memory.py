@@ -1,0 +1,359 @@
+r"""Per-device memory of the train step, checked before renting hardware.
+
+Two methods, and every report says which one it used:
+
+  compiled  the real train step, lowered and compiled ahead of time for the target's devices: for a Cloud TPU
+            topology this works offline on any machine with libtpu installed (`pip install "jax[tpu]"`, no TPU
+            needed); XLA's own memory analysis of the compiled program is the answer.
+  estimate  from abstract shapes when no compiler for the target is at hand: parameters, AdamW moments, gradients
+            (and EMA, and the gradient accumulator) sharded by the mesh rules, plus the activations the backward
+            pass keeps, read from JAX's own residuals of the loss at the per-device batch (with the configured
+            remat policy) and one layer's working set on top.
+
+  python -m par_jax.training.memory --config=configs/par.py:size=XL --accelerator=v5p-64 [--method=estimate]
+  python -m par_jax.training.memory --table          # the table in docs/tpu.md (XL, XXL, 3B at paper batch sizes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import math
+import os
+import re
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from par_jax.model import ModelConfig, ParTransformer, from_config_dict
+from par_jax.training import mesh as mesh_lib
+from par_jax.training import sharding as sharding_lib
+
+GiB = 2**30
+
+
+# ----- accelerators -----
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+    """A slice of devices: `name` as the cloud spells it (v5p-64) or a GPU count (h100-80gb-x16)."""
+    name: str
+    platform: str              # "tpu" | "gpu"
+    num_devices: int           # JAX devices (TPU chips with megacore, or GPUs)
+    hbm_bytes: int             # per device
+    topology: Optional[str] = None     # jax.experimental.topologies name, e.g. "v5p:2x4x4"
+    chip_config: str = "default"
+
+
+# Per JAX device: v4 and v5p run one device per chip (megacore); v5e and v6e have one TensorCore per chip.
+TPU_CHIPS = {  # prefix -> (topology name, cores per chip in the accelerator type name, 3D torus, HBM GiB per chip)
+    "v4": ("v4", 2, True, 32),
+    "v5p": ("v5p", 2, True, 95),
+    "v5litepod": ("v5e", 1, False, 16),
+    "v5e": ("v5e", 1, False, 16),
+    "v6e": ("v6e", 1, False, 32),
+}
+GPUS = {"a100-40gb": 40e9, "a100-80gb": 80e9, "h100-80gb": 80e9, "h200": 141e9}
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...]:
+    """The standard slice shape for a chip count: v4/v5p grow 2x2x1 -> 2x2x2 -> 2x2x4 -> 2x4x4 -> 4x4x4 ...,
+    v5e/v6e grow 1x1 -> 1x2 -> 2x2 -> 2x4 -> 4x4 ..."""
+    shape = [2, 2, 1] if dims == 3 and chips >= 4 else [1] * dims
+    while math.prod(shape) < chips:
+        i = max(j for j, s in enumerate(shape) if s == min(shape))
+        shape[i] *= 2
+    if math.prod(shape) != chips:
+        raise ValueError(f"{chips} chips do not form a standard slice (a power of two, at least 4 for v4/v5p).")
+    return tuple(sorted(shape))
+
+
+def accelerator(name: str) -> Accelerator:
+    """'v5p-64', 'v4-32', 'v5litepod-16', 'v6e-64', or '<gpu>-x<count>' such as 'h100-80gb-x16'."""
+    prefix, _, count = name.rpartition("-")
+    if prefix in TPU_CHIPS and count.isdigit():
+        topo_name, cores_per_chip, is_3d, hbm = TPU_CHIPS[prefix]
+        chips = int(count) // cores_per_chip
+        shape = _torus(chips, 3 if is_3d else 2)
+        return Accelerator(name, "tpu", chips, hbm * GiB, f"{topo_name}:{'x'.join(map(str, shape))}",
+                           "megacore" if cores_per_chip == 2 else "default")
+    gpu, _, n = name.rpartition("-x")
+    if gpu in GPUS and n.isdigit():
+        return Accelerator(name, "gpu", int(n), int(GPUS[gpu]))
+    raise ValueError(f"unknown accelerator {name!r}: use a Cloud TPU type ({', '.join(p + '-N' for p in TPU_CHIPS)}, "
+                     f"N = the number in the type's name) or GPU-xCOUNT with GPU in {sorted(GPUS)}.")
+
+
+# ----- the report -----
+
+@dataclasses.dataclass
+class MemoryReport:
+    method: str                # "compiled" | "estimate"
+    model: str
+    accelerator: str
+    mesh: dict
+    global_batch: int
+    device_batch: int          # per device and per micro-step
+    remat: str
+    hbm: int
+    total: int                 # peak bytes per device
+    parts: dict                # bytes per device by kind (estimate: params, optimizer, ...; compiled: XLA's split)
+    note: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.hbm
+
+    def line(self) -> str:
+        unit, scale = ("GiB", GiB) if self.total >= GiB / 10 else ("MiB", 2**20)
+        parts = ", ".join(f"{k} {v / scale:.2f}" for k, v in self.parts.items())
+        return (f"{self.model} on {self.accelerator} (mesh {self.mesh}), batch {self.global_batch} "
+                f"({self.device_batch}/device), remat={self.remat}: {self.total / scale:.2f} {unit} of "
+                f"{self.hbm / GiB:.0f} GiB per device [{self.method}; {unit}: {parts}] -> "
+                f"{'fits' if self.fits else 'DOES NOT FIT'}" + (f" ({self.note})" if self.note else ""))
+
+
+# ----- estimate from abstract shapes -----
+
+def _abstract_model(cfg: ModelConfig):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: ParTransformer(cfg, rngs=nnx.Rngs(0))))
+    params = state.filter(nnx.Param)
+    return graphdef, params
+
+
+def shard_factors(cfg: ModelConfig, mesh_shape: Mapping[str, int], rules) -> dict:
+    """{parameter path: how many ways its array is split on the mesh}, following the training sharding rules."""
+    _, params = _abstract_model(cfg)
+    specs = sharding_lib.logical_specs(params)
+    mesh = jax.sharding.AbstractMesh(tuple(mesh_shape[a] for a in mesh_lib.AXES), mesh_lib.AXES,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_lib.AXES))
+    out = {}
+    for (path, x), (_, names) in zip(_flat(nnx.to_pure_dict(params)), _flat(specs, is_leaf=sharding_lib._is_spec)):
+        spec = sharding_lib.logical_to_mesh(names, x.shape, mesh, rules)
+        axes = [a for s in spec if s for a in ((s,) if isinstance(s, str) else s)]
+        out[path] = (x.shape, x.dtype, math.prod(mesh_shape[a] for a in axes))
+    return out
+
+
+def _flat(tree, is_leaf=None):
+    return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
+
+
+def _nbytes(x) -> int:
+    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+@functools.lru_cache(maxsize=16)
+def loss_residuals(cfg: ModelConfig, batch: int) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """(shape, bytes per element) of each array the backward pass of the training loss keeps for a batch of `batch` (JAX's residuals
+    of the loss under jax.vjp, after the configured remat policy; the parameters themselves excluded)."""
+    graphdef, params = _abstract_model(cfg)
+
+    def residuals(params, tokens, labels, key):
+        def loss(p):
+            return nnx.merge(graphdef, p)(tokens, labels, rng=key, return_logits=False)[0]
+        _, vjp = jax.vjp(loss, params)
+        inputs = jax.tree.leaves(params) + [tokens, labels, key]
+        return [r for r in jax.tree.leaves(vjp) if not any(r is i for i in inputs)]
+
+    tokens = jax.ShapeDtypeStruct((batch, cfg.num_tokens), jnp.int32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    out = jax.eval_shape(residuals, params, tokens, labels, key)
+    return tuple((tuple(r.shape), _itemsize(r.dtype)) for r in out)
+
+
+def _itemsize(dtype) -> int:
+    return 8 if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else jnp.dtype(dtype).itemsize  # threefry: 2 x u32
+
+
+def estimate(cfg: ModelConfig, mesh_shape: Mapping[str, int], rules, *, global_batch: int, grad_accum: int = 1,
+             ema: bool = False, hbm: int = 0, accelerator_name: str = "", model_name: str = "") -> MemoryReport:
+    """Per-device memory of one train step from abstract shapes (see the module docstring)."""
+    mesh_shape = {a: int(mesh_shape[a]) for a in mesh_lib.AXES}
+    batch_shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    if global_batch % (batch_shards * grad_accum):
+        raise ValueError(f"global batch {global_batch} does not split into {grad_accum} micro-steps over "
+                         f"{batch_shards} batch shards (data x fsdp).")
+    device_batch = global_batch // (batch_shards * grad_accum)
+    factors = shard_factors(cfg, mesh_shape, rules)
+    params = sum(math.prod(s) * jnp.dtype(d).itemsize // f for s, d, f in factors.values())
+    by_shape = {s: f for s, _, f in factors.values()}
+    tensor_dims = {cfg.num_heads, cfg.mlp_hidden, cfg.vocab_size}
+
+    def device_bytes(shape, itemsize):
+        # A residual shaped like a parameter (its compute-dtype copy) is split like it; activations are already
+        # per device along the batch, and split by `tensor` along heads, MLP units or vocabulary.
+        size = math.prod(shape) * itemsize
+        if shape in by_shape:
+            return size // by_shape[shape]
+        t = mesh_shape["tensor"]
+        return size // t if t > 1 and any(d in tensor_dims and d % t == 0 for d in shape) else size
+
+    kept = sum(device_bytes(s, d) for s, d in loss_residuals(cfg, device_batch))
+    # The backward pass of a layer needs that layer's full set of intermediates at once (recomputed under remat).
+    unsaved = loss_residuals(cfg.replace(remat="none"), device_batch)
+    stacked = [(s, d) for s, d in unsaved if s[:1] == (cfg.num_layers,)] if cfg.scan_layers else unsaved
+    layer = sum(device_bytes(s, d) for s, d in stacked) // cfg.num_layers
+    parts = {"params": params, "optimizer": 2 * params, "gradients": params * (2 if grad_accum > 1 else 1)}
+    if ema:
+        parts["ema"] = params
+    parts["activations"] = kept + layer
+    return MemoryReport("estimate", model_name or f"{cfg.num_layers}x{cfg.dim}", accelerator_name, mesh_shape,
+                        global_batch, device_batch, cfg.remat, hbm, sum(parts.values()), parts)
+
+
+# ----- compiled ahead of time -----
+
+def tpu_compiler_available() -> bool:
+    """libtpu is installed: XLA can compile for any Cloud TPU topology here, with or without a TPU attached."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def target_devices(acc: Accelerator) -> list:
+    """Devices to compile for: a TPU topology's (offline, through libtpu), or this machine's own."""
+    if acc.platform == "tpu":
+        if not tpu_compiler_available():
+            raise RuntimeError(f"compiling for {acc.name} needs libtpu (pip install 'jax[tpu]'; no TPU needed); "
+                               f"or use --method=estimate.")
+        # Without these libtpu probes the GCE metadata server and the TPU driver for a machine that is not a TPU VM.
+        for var, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", acc.name),
+                           ("TPU_WORKER_HOSTNAMES", "localhost")):
+            os.environ.setdefault(var, value)
+        from jax.experimental import topologies  # noqa: PLC0415
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=acc.topology,
+                                                 chip_config_name=acc.chip_config).devices)
+    devices = [d for d in jax.devices() if d.platform == acc.platform]
+    if len(devices) != acc.num_devices:
+        raise RuntimeError(f"compiling for {acc.name} needs {acc.num_devices} {acc.platform} devices here; found "
+                           f"{len(devices)}. Use --method=estimate.")
+    return devices
+
+
+_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\)")
+
+
+def compiled(config, acc: Accelerator, devices: Optional[list] = None) -> MemoryReport:
+    """Compile the real train step (par_jax.training.train) for `acc`'s devices and read XLA's memory analysis.
+    A program too big for the device fails to compile; the report then carries XLA's figure for the temporaries."""
+    from par_jax.training import optim, train  # noqa: PLC0415 (the train loop pulls in the input pipeline)
+    devices = target_devices(acc) if devices is None else devices
+    mesh = mesh_lib.create_mesh(config.mesh, devices=devices)
+    trainer = train.make_trainer(config, mesh, optim.learning_rate_schedule(config.optimizer, 1000, 10))
+    global_batch, accum = int(config.train.batch_size), int(config.train.grad_accum_steps)
+    device_batch = global_batch // (mesh_lib.num_batch_shards(mesh) * accum)
+    report = functools.partial(MemoryReport, "compiled", str(config.model.get("size", "")), acc.name,
+                               dict(mesh.shape), global_batch, device_batch, str(config.model.remat), acc.hbm_bytes)
+    with jax.set_mesh(mesh):
+        lowered = trainer.step.lower(trainer.abstract_state, trainer.abstract_batch(global_batch))
+        try:
+            stats = lowered.compile().memory_analysis()
+        except jax.errors.JaxRuntimeError as e:
+            found = _OOM.search(str(e))
+            if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+                raise
+            temp = int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " "))
+            return report(temp, {"temporaries": temp}, note="does not compile: XLA ran out of device memory")
+    parts = {"arguments": stats.argument_size_in_bytes,
+             "outputs": stats.output_size_in_bytes - stats.alias_size_in_bytes,  # donated state is reused
+             "temporaries": stats.temp_size_in_bytes, "code": stats.generated_code_size_in_bytes}
+    return report(sum(parts.values()), parts)
+
+
+# ----- from an experiment config -----
+
+def check(config, accelerator_name: str, method: str = "auto") -> MemoryReport:
+    """Per-device memory of `config`'s train step on `accelerator_name`, compiled when possible ("auto")."""
+    acc = accelerator(accelerator_name)
+    if method == "auto":
+        method = "compiled" if acc.platform == "tpu" and tpu_compiler_available() else "estimate"
+    if method == "compiled":
+        return compiled(config, acc)
+    if method != "estimate":
+        raise ValueError(f"unknown method {method!r}; choose auto, compiled or estimate.")
+    cfg = from_config_dict(config.model)
+    mesh_shape = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(config.mesh, acc.num_devices)))
+    return estimate(cfg, mesh_shape, sharding_lib.rules_from_config(config.mesh.get("rules")),
+                    global_batch=int(config.train.batch_size), grad_accum=int(config.train.grad_accum_steps),
+                    ema=float(config.optimizer.ema_decay) > 0, hbm=acc.hbm_bytes,
+                    accelerator_name=acc.name, model_name=str(config.model.get("size", "")))
+
+
+# ----- the docs table and the command line -----
+
+TABLE_ROWS = (  # (size, accelerators): the paper's batch sizes come from the config (configs/common.PAPER_BATCH)
+    ("XL", ("v4-32", "v5p-32", "v6e-16")),
+    ("XXL", ("v4-64", "v5p-64", "v6e-32")),
+    ("3B", ("v4-64", "v5p-64", "v6e-32")),
+)
+
+
+def table(methods=("estimate", "compiled"), remats=("none", "full"), rows=TABLE_ROWS, log=print) -> list[dict]:
+    """Per-device memory of PAR-XL, XXL and 3B (n=4, 384 px) at their paper batch sizes on TPU slices."""
+    from configs import par  # noqa: PLC0415
+    out = []
+    for size, accelerators in rows:
+        for acc in accelerators:
+            for remat in remats:
+                config = par.get_config(f"size={size}")
+                config.model.remat = remat
+                row = {"size": size, "accelerator": acc, "remat": remat}
+                for method in methods:
+                    if method == "compiled" and not tpu_compiler_available():
+                        continue
+                    r = check(config, acc, method)
+                    log(r.line())
+                    row.update(batch=r.global_batch, device_batch=r.device_batch, mesh=r.mesh, hbm_gib=r.hbm / GiB)
+                    row[method] = {"gib": r.total / GiB, "fits": r.fits, "note": r.note,
+                                   "parts_gib": {k: v / GiB for k, v in r.parts.items()}}
+                out.append(row)
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | batch (per chip) | slice | mesh (data, fsdp, tensor) | remat | estimate GiB | compiled GiB "
+             "| HBM GiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def cell(method):
+            m = r.get(method)
+            if m is None:
+                return "-"
+            return f"{m['gib']:.1f}" + ("" if m["fits"] else " (does not fit)")
+        mesh = ", ".join(str(r["mesh"][a]) for a in mesh_lib.AXES)
+        lines.append(f"| {r['size']} | {r['batch']} ({r['device_batch']}) | {r['accelerator']} | {mesh} | "
+                     f"{r['remat']} | {cell('estimate')} | {cell('compiled')} | {r['hbm_gib']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    import json  # noqa: PLC0415
+    from absl import flags  # noqa: PLC0415
+    del argv
+    f = flags.FLAGS
+    if f.table:
+        rows = table(methods=("estimate", "compiled") if f.method in ("auto", "compiled") else ("estimate",))
+        print(markdown(rows))
+        if f.json_out:
+            with open(f.json_out, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return
+    if f.config is None:
+        raise flags.ValidationError("--config is required (or --table).")
+    for name in f.accelerator:
+        print(check(f.config, name, f.method).line())
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/par.py:size=XL,n=4.")
+    flags.DEFINE_list("accelerator", ["v5p-64"], "Cloud TPU types (v5p-64, v4-32, v6e-16, ...) or GPU-xN.")
+    flags.DEFINE_enum("method", "auto", ["auto", "compiled", "estimate"],
+                      "auto: compile for TPU topologies when libtpu is installed, else estimate.")
+    flags.DEFINE_bool("table", False, "Print the XL / XXL / 3B table of docs/tpu.md.")
+    flags.DEFINE_string("json_out", "", "With --table: also write the rows as JSON here.")
+    app.run(main)
