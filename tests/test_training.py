@@ -1,7 +1,8 @@
 """The train loop end to end, each run in a fresh process (tests/training_subprocess.py or `python -m par_jax.main`):
 
 - the same train steps on meshes (8,1,1), (2,4,1), (2,2,2) of 8 simulated devices match one device;
-- a run killed with SIGKILL part-way and restarted from its workdir ends bit-identical to an uninterrupted run;
+- a run preempted (SIGTERM: it saves and exits), restarted, killed with SIGKILL part-way and restarted again
+  from its workdir ends bit-identical to an uninterrupted run (model, optimizer, step and data iterator restored);
 - a short run on synthetic codes lowers the loss;
 - a corrupt batch that makes the loss NaN stops the run with the promised message, keeping a restorable checkpoint.
 
@@ -34,6 +35,7 @@ TINY_FLAGS = [
     "--config.data.synthetic_count=256", "--config.data.read_threads=1", "--config.data.prefetch=4",
     "--config.train.batch_size=8", "--config.train.num_steps=30", "--config.train.log_every_steps=5",
     "--config.train.checkpoint_every_steps=10", "--config.optimizer.warmup_steps=5",
+    "--config.train.peak_flops=1e11",  # skip measuring the CPU's matmul peak for MFU at every start
 ]
 NUM_STEPS = 30
 
@@ -114,26 +116,45 @@ def test_short_run_lowers_the_loss(uninterrupted):
     assert last < first - 0.3, f"loss went from {first:.3f} (step 5) to {last:.3f} (step {NUM_STEPS})"
 
 
-def test_killed_run_resumes_to_identical_parameters(tmp_path, cache_dir, uninterrupted):
-    workdir = str(tmp_path / "killed")
+def _start_and_wait_for(workdir, cache_dir, step):
+    """Start a training process and return it once it has finished saving checkpoint `step`."""
     proc = subprocess.Popen(_train_cmd(workdir), cwd=REPO, env=_env(cache_dir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    first_save = os.path.join(workdir, "checkpoints", "10")
-    try:
-        deadline = time.monotonic() + 300
-        while not os.path.isdir(first_save) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert os.path.isdir(first_save), "the run never saved step 10"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
+                            stderr=subprocess.PIPE, text=True)
+    target, deadline = os.path.join(workdir, "checkpoints", str(step)), time.monotonic() + 300
+    while not os.path.isdir(target) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not os.path.isdir(target):
         proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not os.path.isdir(os.path.join(workdir, "checkpoints", str(NUM_STEPS))), "killed too late to test resume"
+        raise AssertionError(f"the run never saved step {step}: {proc.communicate()[1][-3000:]}")
+    return proc
 
+
+def _steps(workdir):
+    return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def test_preempted_then_killed_run_resumes_to_identical_parameters(tmp_path, cache_dir, uninterrupted):
+    workdir = str(tmp_path / "interrupted")
+    # 1. Preemption: SIGTERM after step 10 -> the run saves the step it is at and exits cleanly.
+    proc = _start_and_wait_for(workdir, cache_dir, 10)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "preempted: saved step" in stderr
+    preempted_at = _steps(workdir)[-1]
+    assert 10 < preempted_at < NUM_STEPS, _steps(workdir)
+    # 2. A hard kill (no chance to save) once the resumed run has written its next regular checkpoint.
+    next_save = (preempted_at // 10 + 1) * 10
+    proc = _start_and_wait_for(workdir, cache_dir, next_save)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    if next_save < NUM_STEPS:
+        assert NUM_STEPS not in _steps(workdir), "killed too late to test resuming"
+    # 3. Restart from the workdir and finish: parameters bit-identical to the uninterrupted run.
     resumed = _run(_train_cmd(workdir), cache_dir)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resumed from step" in resumed.stderr
+    assert f"resumed from step {next_save}" in resumed.stderr or next_save == NUM_STEPS
     want, got = _final_params(uninterrupted), _final_params(workdir)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
@@ -146,8 +167,7 @@ def test_nan_loss_stops_with_message_and_keeps_a_restorable_checkpoint(tmp_path,
     message = proc.stdout
     assert "non-finite training loss at step 13" in message
     assert "the last good checkpoint is step 10" in message and "resumes from it" in message
-    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert max(steps) == 10, steps  # nothing at or after the bad step was saved
+    assert _steps(workdir)[-1] == 10, _steps(workdir)  # nothing at or after the bad step was saved
     model = checkpoint.restore_model(workdir)
     leaves = jax.tree.leaves(checkpoint.params_of(model))
     assert leaves and all(np.isfinite(x).all() for x in leaves)

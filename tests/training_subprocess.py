@@ -32,9 +32,10 @@ def tiny_config(overrides=()):
     config.optimizer.update(warmup_steps=5)
     if overrides:
         from absl import flags  # noqa: PLC0415
+        argv = ["prog", *overrides]
         fv = flags.FlagValues()
-        holder = config_flags.DEFINE_config_dict("config", config, flag_values=fv)
-        fv(["prog", *overrides])
+        holder = config_flags.DEFINE_config_dict("config", config, flag_values=fv, sys_argv=argv)
+        fv(argv)
         config = holder.value
     return config
 
