@@ -414,6 +414,21 @@ def test_metric_names_are_checked():
     assert evaluators.metric_names(_eval_config(metrics=" fid, is ").eval) == ["fid", "is"]
 
 
+def test_validate_catches_missing_inputs_before_training(tmp_path):
+    from par_jax.evaluation import evaluators
+    config = _eval_config(reference="fashion_mnist")
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        evaluators.validate(config)
+    config.data.tokenizer = str(tmp_path)
+    evaluators.validate(config)
+    with pytest.raises(FileNotFoundError, match="inception_weights=''"):
+        evaluators.validate(config, feature_network="inception")
+    with pytest.raises(FileNotFoundError, match="reference batch"):
+        evaluators.validate(config, reference=str(tmp_path / "ref.npz"))
+    with pytest.raises(ValueError, match="unknown evaluation settings"):
+        evaluators.validate(config, every_step=5)
+
+
 def test_evaluate_job_scores_an_existing_npz(tmp_path, small_classifier, fmnist_test_split):
     from par_jax.evaluation import job
     images, labels = fmnist_test_split
@@ -435,3 +450,51 @@ def test_evaluate_job_scores_an_existing_npz(tmp_path, small_classifier, fmnist_
     out = tmp_path / "work" / "eval" / "file_fmnist_classifier_200"
     assert json.loads((out / "results.json").read_text())["metrics"] == pytest.approx(m)
     assert (out / "samples_grid.png").exists() and any(p.name.startswith("events") for p in out.iterdir())
+
+
+def test_evaluate_job_samples_a_checkpoint_end_to_end(tmp_path, small_classifier):
+    """Tiny decoder + tiny tokenizer: sample, decode, resize, write the ADM file, score, record, and the same metrics
+    through the training-loop plug-in."""
+    from par_jax import tokenizer as tokenizer_lib
+    from par_jax.evaluation import evaluators, job
+    from par_jax.model import ParTransformer, model_config
+    from par_jax.tokenizer import train as tokenizer_train
+    from par_jax.training import checkpoint
+
+    vq_cfg = tokenizer_lib.vq_config("fmnist", base_channels=8, z_channels=8, codebook_size=64, num_groups=4,
+                                     num_res_blocks=1, attn_levels=())
+    tokenizer_dir = tokenizer_train.export(tmp_path, tokenizer_lib.VQModel(vq_cfg, rngs=nnx.Rngs(0)))
+    cfg = model_config("tiny", vocab_size=64, num_classes=10, grid_shape=vq_cfg.grid_shape, n=4, dtype="float32")
+    model = ParTransformer(cfg, rngs=nnx.Rngs(1))
+    checkpoint.save_params(tmp_path / "decoder", model)
+
+    config = _eval_config(checkpoint=str(tmp_path / "decoder"), classifier=small_classifier[2], name="tiny",
+                          reference="fashion_mnist", reference_count=64, num_samples=20, batch_size=8,
+                          resolution=40, fid_min_samples=16, metrics="fid,is,precision_recall,class_consistency",
+                          is_split_size=10, grid_images=9)
+    config.data.update(tokenizer=str(tokenizer_dir), views="pad", image_size=32)
+    config.sample.update(guidance=1.5, temperature=1.0, top_k=16)
+    record = job.run(config, str(tmp_path / "work"))
+
+    out = tmp_path / "work" / "eval" / "tiny"
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (20, 40, 40, 3)  # 32 px decoded, resized
+        np.testing.assert_array_equal(f["arr_1"], evaluators.make_labels(20, 10, "uniform", 0))
+    m = record["metrics"]
+    assert set(m) == {"fid", "inception_score", "inception_score_std", "precision", "recall", "class_consistency"}
+    assert all(np.isfinite(v) for v in m.values()) and m["fid"] > 0
+    s = record["settings"]
+    assert s["checkpoint"] == str(tmp_path / "decoder") and s["weights"] == "params"
+    assert s["sampling"]["guidance"] == 1.5 and s["sampling"]["top_k"] == 16 and s["n"] == 4
+    assert s["num_samples"] == 20 and s["seed"] == 0 and s["labels"] == "uniform" and s["resolution"] == 40
+    assert s["reference_count"] == 64 and "fashion_mnist" in s["reference"]
+    assert s["feature_network"] == "fmnist_classifier" and s["tokenizer"] == str(tokenizer_dir)
+    assert json.loads((out / "results.json").read_text())["settings"]["num_steps"] == cfg.layout.num_steps
+    assert (out / "samples_grid.png").exists()
+
+    # The training-loop plug-in: same protocol on fewer samples, settings overridden per entry.
+    plugin = evaluators.evaluate(model, config, step=7, workdir=str(tmp_path / "work"), num_samples=16,
+                                 metrics="is,class_consistency")
+    assert set(plugin) == {"inception_score", "inception_score_std", "class_consistency"}
+    with pytest.raises(ValueError, match="unknown evaluation settings \\['num_sample'\\]"):
+        evaluators.evaluate(model, config, step=7, workdir=str(tmp_path), num_sample=16)

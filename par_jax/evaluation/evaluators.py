@@ -14,6 +14,7 @@ Shared by the evaluate job (`job.py`: the full, recorded protocol) and the train
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -137,18 +138,27 @@ def gather(x: np.ndarray) -> np.ndarray:
 
 def make_decoder(tokenizer, grid_shape, resolution: int) -> Callable[[jax.Array], np.ndarray]:
     """Raster tokens (B, N) -> uint8 images (B, R, R, 3): VQ decode, the release's bicubic resize, its uint8 rule."""
-    grid_shape = tuple(grid_shape)
     graphdef, state = nnx.split(tokenizer)
     state = jax.device_put(state, NamedSharding(features_lib.local_mesh(), P()))
+    return lambda tokens: np.asarray(_decode(graphdef, tuple(grid_shape), int(resolution), state, tokens))
 
-    @jax.jit
-    def decode(state, tokens):
-        images = nnx.merge(graphdef, state).decode(tokens.reshape(tokens.shape[0], *grid_shape))
-        if resolution:
-            images = resize.resize_bicubic(images, resolution)
-        return resize.to_uint8(images)
 
-    return lambda tokens: np.asarray(decode(state, tokens))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode(graphdef, grid_shape, resolution, state, tokens):
+    # Module-level so that repeated evaluations during training reuse the compiled program.
+    images = nnx.merge(graphdef, state).decode(tokens.reshape(tokens.shape[0], *grid_shape))
+    if resolution:
+        images = resize.resize_bicubic(images, resolution)
+    return resize.to_uint8(images)
+
+
+def tokenizer_path(config) -> str:
+    """The tokenizer that decodes samples: config.sample.tokenizer, else the one the codes came from."""
+    path = config.sample.get("tokenizer", "") or config.data.get("tokenizer", "")
+    if not path:
+        raise ValueError("evaluation decodes samples to images and needs a tokenizer: set --config.data.tokenizer "
+                         "(the one the training codes were extracted with) or --config.sample.tokenizer.")
+    return str(path)
 
 
 def check_tokenizer(model_config, tokenizer) -> None:
@@ -275,17 +285,15 @@ def _cached_setup(key):
     network = features_lib.build(ec)
     reference, record = reference_features(ec, data_config, network)
     from par_jax import tokenizer as tokenizer_lib  # noqa: PLC0415
-    if not data_config.tokenizer:
-        raise ValueError("evaluation during training decodes samples with config.data.tokenizer, which is empty.")
-    return network, reference, record, tokenizer_lib.load(data_config.tokenizer)
+    return network, reference, record, tokenizer_lib.load(key.tokenizer)
 
 
 class _Frozen:
-    """Hashable view of (config.eval with overrides, config.data) for the setup cache."""
+    """Hashable view of (config.eval with overrides, config.data, tokenizer path) for the setup cache."""
 
-    def __init__(self, ec, data):
-        self.ec, self.data = ec, data
-        self._key = (ec.to_json(sort_keys=True), data.to_json(sort_keys=True))
+    def __init__(self, ec, data, tokenizer: str):
+        self.ec, self.data, self.tokenizer = ec, data, tokenizer
+        self._key = (ec.to_json(sort_keys=True), data.to_json(sort_keys=True), tokenizer)
 
     def __hash__(self):
         return hash(self._key)
@@ -294,19 +302,45 @@ class _Frozen:
         return isinstance(other, _Frozen) and self._key == other._key
 
 
+def _with_overrides(config, overrides):
+    ec = config.eval.copy_and_resolve_references()
+    unknown = sorted(set(overrides) - set(ec.keys()))
+    if unknown:
+        raise ValueError(f"unknown evaluation settings {unknown}; they must be fields of config.eval: {sorted(ec)}.")
+    ec.update(overrides)
+    return ec
+
+
+def validate(config, **overrides) -> None:
+    """Cheap checks of an evaluation entry before training starts: metric names, the feature network's weights,
+    the reference set and the tokenizer exist. (The training loop can call it for each `config.evals` entry that
+    uses `evaluate`, so a typo fails in seconds, not at the first evaluation.)"""
+    ec = _with_overrides(config, overrides)
+    metric_names(ec)
+    if ec.feature_network == "inception" and not (ec.inception_weights and
+                                                   os.path.exists(ec.inception_weights)):
+        raise FileNotFoundError(f"config.eval.inception_weights={ec.inception_weights!r} does not exist; the "
+                                f"inception feature network needs the FID weight file.")
+    if ec.feature_network not in features_lib.NETWORKS:
+        raise ValueError(f"unknown feature network {ec.feature_network!r}; choose one of {features_lib.NETWORKS}.")
+    if not ec.reference:
+        raise ValueError("config.eval.reference is empty (an ADM reference .npz or an image source spec).")
+    if str(ec.reference).endswith(".npz") and not os.path.exists(ec.reference):
+        raise FileNotFoundError(f"reference batch {ec.reference!r} does not exist.")
+    if not os.path.exists(tokenizer_path(config)):
+        raise FileNotFoundError(f"tokenizer {tokenizer_path(config)!r} does not exist.")
+
+
 def evaluate(model, config, *, step: int, workdir: str, **overrides) -> dict[str, float]:
     """A `par_jax.training.evaluators` plug-in: metrics of `overrides.get("num_samples")` fresh samples.
 
     `config.eval` gives the protocol; entries of `config.evals.<name>` override its fields (e.g. num_samples=1000,
     metrics="fid,is"). Uses `config.sample` for guidance, temperature, top-k/p. Returns {metric: value}.
     """
-    ec = config.eval.copy_and_resolve_references()
-    unknown = sorted(set(overrides) - set(ec.keys()))
-    if unknown:
-        raise ValueError(f"unknown evaluation settings {unknown}; they must be fields of config.eval: {sorted(ec)}.")
-    ec.update(overrides)
+    del workdir  # results go through the training loop's writer
+    ec = _with_overrides(config, overrides)
     names = metric_names(ec)
-    network, reference, _, tokenizer = _cached_setup(_Frozen(ec, config.data))
+    network, reference, _, tokenizer = _cached_setup(_Frozen(ec, config.data, tokenizer_path(config)))
     check_network(names, network)
     from par_jax import sampling  # noqa: PLC0415
     settings = sampling.SampleSettings.from_config(config.sample)

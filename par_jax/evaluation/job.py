@@ -36,7 +36,7 @@ GRID_FILE = "samples_grid.png"
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=os.path.dirname(os.path.abspath(__file__)),
                              capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -90,7 +90,15 @@ def run(config, workdir: str) -> dict[str, Any]:
     names = evaluators.metric_names(ec)
     is_main = jax.process_index() == 0
 
-    # 1. Feature network and reference set, before any sampling.
+    # 1. Everything that can be missing, then the feature network and reference set, before any sampling.
+    if ec.samples:
+        if not os.path.exists(ec.samples):
+            raise FileNotFoundError(f"config.eval.samples={ec.samples!r} does not exist.")
+    else:
+        step_dir, step, item = _checkpoint_dir(epath.Path(ec.checkpoint or config.sample.checkpoint or workdir))
+        tokenizer_path = evaluators.tokenizer_path(config)
+        if not epath.Path(tokenizer_path).exists():
+            raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist.")
     network = features_lib.build(ec)
     evaluators.check_network(names, network)
     reference, reference_record = evaluators.reference_features(ec, config.data, network)
@@ -115,18 +123,15 @@ def run(config, workdir: str) -> dict[str, Any]:
             collector.add(images, None if labels is None else labels[start:start + len(images)])
             grid.add(images)
             start += len(images)
-        settings["samples_file"] = os.path.abspath(ec.samples)
-        settings["num_samples"] = int(shape[0])
+        settings.update(samples_file=os.path.abspath(ec.samples), num_samples=int(shape[0]),
+                        resolution=f"{shape[1]}x{shape[2]} (as in the file)")
         out_dir = epath.Path(workdir) / "eval" / out_name
     else:
         from par_jax import sampling, tokenizer as tokenizer_lib  # noqa: PLC0415
         from par_jax.training import checkpoint  # noqa: PLC0415
 
-        step_dir, step, item = _checkpoint_dir(epath.Path(ec.checkpoint or config.sample.checkpoint or workdir))
         model = checkpoint.restore_model(step_dir)
-        if not config.data.tokenizer:
-            raise ValueError("set --config.data.tokenizer to the tokenizer the training codes were extracted with.")
-        tokenizer = tokenizer_lib.load(config.data.tokenizer)
+        tokenizer = tokenizer_lib.load(tokenizer_path)
         sample_settings = sampling.SampleSettings.from_config(config.sample)
         labels = evaluators.make_labels(int(ec.num_samples), model.config.num_classes, ec.labels, int(ec.seed))
         out_dir = epath.Path(workdir) / "eval" / (ec.name or f"step{step}_{network.name}_{len(labels)}")
@@ -149,11 +154,14 @@ def run(config, workdir: str) -> dict[str, Any]:
         settings.update({
             "checkpoint": str(step_dir), "checkpoint_step": step, "weights": item,
             "model": _plain(dataclasses.asdict(model.config)),
-            "tokenizer": str(config.data.tokenizer), "tokenizer_config": _plain(dataclasses.asdict(tokenizer.config)),
+            "tokenizer": tokenizer_path, "tokenizer_config": _plain(dataclasses.asdict(tokenizer.config)),
             "sampling": _plain(dataclasses.asdict(sample_settings)),
             "n": model.config.n, "order": model.config.order_kind, "num_steps": model.config.layout.num_steps,
             "num_samples": len(labels), "batch_size": int(ec.batch_size), "seed": int(ec.seed),
             "labels": ec.labels, "samples_file": str(out_dir / SAMPLES_FILE) if ec.save_npz else "",
+            "resolution": int(ec.resolution) or f"{height}x{width} (decoded size)",
+            "resize": ("PyTorch bicubic (a=-0.75, align_corners=False, no antialias)" if ec.resolution else "none")
+                      + "; uint8 = clamp(127.5 x + 128, 0, 255) truncated",
         })
     out_dir = epath.Path(out_dir)
     if is_main:
@@ -163,8 +171,6 @@ def run(config, workdir: str) -> dict[str, Any]:
     samples = collector.result()
     results = evaluators.compute_metrics(names, samples, reference, network, ec)
     settings.update({
-        "resolution": int(ec.resolution) or "decoded size",
-        "resize": "PyTorch bicubic (a=-0.75, align_corners=False, no antialias); uint8 = clamp(127.5x+128) truncated",
         **reference_record,
         "feature_network": network.name, "feature_network_info": _plain(network.info),
         "metrics": names, "pr_k": int(ec.pr_k), "is_split_size": int(ec.is_split_size),
