@@ -188,7 +188,9 @@ class TrainCheckpointer:
 
     # Preemption: a SIGTERM only sets a flag; the loop saves at the next step boundary and exits.
     def install_sigterm_handler(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        # Several processes must stop at the same step: there JAX's preemption service (started by
+        # jax.distributed.initialize) owns SIGTERM and `reached_preemption` agrees on the step across processes.
+        if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
             return
         def handler(signum, frame):
             del frame

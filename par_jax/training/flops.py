@@ -53,23 +53,24 @@ def measure_matmul_peak(dtype: str = "float32", size: int = 1024, repeats: int =
 
     A chain of 8 dependent matmuls per call keeps dispatch overhead out of the figure.
     """
-    device = device or jax.devices()[0]
-    dt = jnp.dtype(dtype)
-    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)) / np.sqrt(size), dt),
-                       device)
+    device = device or jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 in a multi-process job
+    # The train loop calls this under its mesh; a mesh of this one device keeps the measurement on it.
+    with jax.set_mesh(jax.make_mesh((1,), ("device",), axis_types=(jax.sharding.AxisType.Auto,), devices=[device])):
+        a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)) / np.sqrt(size),
+                                       jnp.dtype(dtype)), device)
 
-    @jax.jit
-    def chain(x):
-        for _ in range(8):
-            x = x @ a
-        return x
+        @jax.jit
+        def chain(x):
+            for _ in range(8):
+                x = x @ a
+            return x
 
-    chain(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
         chain(a).block_until_ready()
-        times.append(time.perf_counter() - start)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            chain(a).block_until_ready()
+            times.append(time.perf_counter() - start)
     return 8 * 2 * size**3 / min(times)
 
 
@@ -77,7 +78,7 @@ def peak_flops_per_device(dtype: str, configured: float = 0.0) -> tuple[float, s
     """(peak FLOP/s per device, where it came from): the configured value, the vendor table, or a measurement."""
     if configured > 0:
         return configured, "config"
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     peak = table_peak_flops(device, dtype)
     if peak is not None:
         return peak, f"table ({device.device_kind})"
