@@ -3,7 +3,7 @@
 - the same train steps on meshes (8,1,1), (2,4,1), (2,2,2) of 8 simulated devices match one device;
 - a run preempted (SIGTERM: it saves and exits), restarted, killed with SIGKILL part-way and restarted again
   from its workdir ends bit-identical to an uninterrupted run (model, optimizer, step and data iterator restored);
-- a short run on synthetic codes lowers the loss;
+- a short run on synthetic codes lowers the loss and writes a sample grid;
 - a corrupt batch that makes the loss NaN stops the run with the promised message, keeping a restorable checkpoint.
 
 The processes share a persistent compilation cache, so the train step of the tiny model compiles once for the
@@ -21,6 +21,8 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
@@ -54,9 +56,24 @@ def _env(cache_dir, devices=1):
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def _train_cmd(workdir):
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """An (untrained) small VQ tokenizer for 16x16 images = 4x4 codes, saved like a trained one: sample grids need
+    one to turn sampled codes into pixels."""
+    from par_jax import tokenizer  # noqa: PLC0415
+    cfg = tokenizer.vq_config("fmnist", image_size=16)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: tokenizer.VQModel(cfg, rngs=nnx.Rngs(0))))
+    state = jax.jit(lambda: nnx.split(tokenizer.VQModel(cfg, rngs=nnx.Rngs(0)))[1])()
+    directory = tmp_path_factory.mktemp("tokenizer") / "export"
+    checkpoint.save_params(directory, nnx.merge(graphdef, state))
+    return str(directory)
+
+
+def _train_cmd(workdir, tokenizer_dir):
+    """The tiny run, drawing a sample grid of 4 images at its last step."""
     return [sys.executable, "-m", "par_jax.main", "--config=configs/par.py:runlocal", f"--workdir={workdir}",
-            *TINY_FLAGS]
+            *TINY_FLAGS, f"--config.data.tokenizer={tokenizer_dir}", f"--config.train.sample_every_steps={NUM_STEPS}",
+            "--config.train.sample_num_images=4"]
 
 
 def _run(cmd, cache_dir, devices=1, timeout=600):
@@ -80,9 +97,9 @@ def _losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache_dir):
+def uninterrupted(tmp_path_factory, cache_dir, tokenizer_dir):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    proc = _run(_train_cmd(workdir), cache_dir)
+    proc = _run(_train_cmd(workdir, tokenizer_dir), cache_dir)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir
 
@@ -109,16 +126,19 @@ def test_same_steps_on_every_mesh_match_one_device(tmp_path, cache_dir):
     assert not np.allclose(load("1x1x1")["losses"], load("1x1x1_nodropout")["losses"], rtol=1e-6)
 
 
-def test_short_run_lowers_the_loss(uninterrupted):
+def test_short_run_lowers_the_loss_and_writes_a_sample_grid(uninterrupted):
     losses = _losses(uninterrupted)
     assert sorted(losses) == list(range(5, NUM_STEPS + 1, 5))
     first, last = losses[5], losses[NUM_STEPS]
     assert last < first - 0.3, f"loss went from {first:.3f} (step 5) to {last:.3f} (step {NUM_STEPS})"
+    png = os.path.join(uninterrupted, "samples", f"step_{NUM_STEPS:08d}.png")
+    grid = np.asarray(Image.open(png))
+    assert grid.shape == (2 * 18 + 2, 2 * 18 + 2, 3)  # 2x2 images of 16x16 with 2-pixel borders
 
 
-def _start_and_wait_for(workdir, cache_dir, step):
+def _start_and_wait_for(cmd, workdir, cache_dir, step):
     """Start a training process and return it once it has finished saving checkpoint `step`."""
-    proc = subprocess.Popen(_train_cmd(workdir), cwd=REPO, env=_env(cache_dir), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache_dir), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     target, deadline = os.path.join(workdir, "checkpoints", str(step)), time.monotonic() + 300
     while not os.path.isdir(target) and proc.poll() is None and time.monotonic() < deadline:
@@ -133,10 +153,12 @@ def _steps(workdir):
     return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
 
-def test_preempted_then_killed_run_resumes_to_identical_parameters(tmp_path, cache_dir, uninterrupted):
+def test_preempted_then_killed_run_resumes_to_identical_parameters(tmp_path, cache_dir, tokenizer_dir,
+                                                                   uninterrupted):
     workdir = str(tmp_path / "interrupted")
+    cmd = _train_cmd(workdir, tokenizer_dir)
     # 1. Preemption: SIGTERM after step 10 -> the run saves the step it is at and exits cleanly.
-    proc = _start_and_wait_for(workdir, cache_dir, 10)
+    proc = _start_and_wait_for(cmd, workdir, cache_dir, 10)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
@@ -145,14 +167,14 @@ def test_preempted_then_killed_run_resumes_to_identical_parameters(tmp_path, cac
     assert 10 < preempted_at < NUM_STEPS, _steps(workdir)
     # 2. A hard kill (no chance to save) once the resumed run has written its next regular checkpoint.
     next_save = (preempted_at // 10 + 1) * 10
-    proc = _start_and_wait_for(workdir, cache_dir, next_save)
+    proc = _start_and_wait_for(cmd, workdir, cache_dir, next_save)
     proc.kill()
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     if next_save < NUM_STEPS:
         assert NUM_STEPS not in _steps(workdir), "killed too late to test resuming"
     # 3. Restart from the workdir and finish: parameters bit-identical to the uninterrupted run.
-    resumed = _run(_train_cmd(workdir), cache_dir)
+    resumed = _run(cmd, cache_dir)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from step {next_save}" in resumed.stderr or next_save == NUM_STEPS
     want, got = _final_params(uninterrupted), _final_params(workdir)

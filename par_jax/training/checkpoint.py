@@ -38,10 +38,9 @@ RUNTIME_FIELDS = frozenset({"dtype", "remat", "embed_dropout", "resid_dropout", 
 
 # ----- model config <-> JSON -----
 
-def config_to_json(cfg: ModelConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["grid_shape"] = list(cfg.grid_shape)
-    return d
+def config_to_json(cfg) -> dict:
+    """A model's config dataclass (ModelConfig, or any other such as the tokenizer's) as JSON-ready data."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def config_from_json(d: dict) -> ModelConfig:
@@ -85,7 +84,10 @@ def model_from_params(cfg: ModelConfig, params: dict) -> ParTransformer:
 
 
 def save_params(directory, model: ParTransformer) -> epath.Path:
-    """Write a params-only checkpoint (parameters + model config JSON) to `directory`, which must not exist."""
+    """Write a params-only checkpoint (parameters + model config JSON) to `directory`, which must not exist.
+
+    Works for any NNX model with a dataclass `.config` (the tokenizer uses it too); `load_params` rebuilds
+    ParTransformers."""
     directory = epath.Path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} already exists; choose a new directory for save_params.")

@@ -270,6 +270,10 @@ class SampleGrids:
             logging.warning("train.sample_every_steps=%d but config.data.tokenizer is empty: no sample grids (codes "
                             "cannot be turned into images without the tokenizer).", self.every)
             self.every = 0
+        if self.every and jax.process_count() > 1:
+            logging.warning("sample grids during training use one process's devices; switched off for this "
+                            "%d-process run (sample from its checkpoints with --job=sample).", jax.process_count())
+            self.every = 0
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -280,14 +284,13 @@ class SampleGrids:
         if self._tokenizer is None:
             self._tokenizer = tokenizer.load(self.config.data.tokenizer)
         cfg = model.config
-        num = int(self.config.train.sample_num_images)
-        labels = jnp.arange(num, dtype=jnp.int32) % cfg.num_classes
-        s = self.config.sample
-        settings = sampling.SampleSettings(guidance=s.guidance, guidance_schedule=s.guidance_schedule,
-                                           guidance_stop_step=s.guidance_stop_step, temperature=s.temperature,
-                                           top_k=s.top_k, top_p=s.top_p)
-        tokens = sampling.sample(model, labels, jax.random.fold_in(jax.random.key(s.seed), step), settings)
-        pixels = np.asarray(self._tokenizer.decode(tokens.reshape(num, *cfg.grid_shape)))
+        devices = jax.local_device_count()  # the sampler splits its batch over the local devices
+        num = -(-int(self.config.train.sample_num_images) // devices) * devices
+        labels = np.arange(num, dtype=np.int32) % cfg.num_classes
+        settings = sampling.SampleSettings.from_config(self.config.sample)
+        key = jax.random.fold_in(jax.random.key(self.config.sample.seed), step)
+        tokens = sampling.sample(model, labels, key, settings)
+        pixels = np.asarray(sampling.tokens_to_images(tokens, self._tokenizer, cfg.grid_shape))
         grid = images.make_grid(pixels, rows=max(1, int(math.sqrt(num))))
         if jax.process_index() == 0:
             images.save_png(str(self.workdir / "samples" / f"step_{step:08d}.png"), grid)
