@@ -498,3 +498,53 @@ def test_evaluate_job_samples_a_checkpoint_end_to_end(tmp_path, small_classifier
     assert set(plugin) == {"inception_score", "inception_score_std", "class_consistency"}
     with pytest.raises(ValueError, match="unknown evaluation settings \\['num_sample'\\]"):
         evaluators.evaluate(model, config, step=7, workdir=str(tmp_path), num_sample=16)
+
+
+_SHARDED = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from par_jax import sampling, tokenizer as tokenizer_lib
+from par_jax.evaluation import classifier, evaluators, features
+from par_jax.model import ParTransformer, model_config
+assert jax.device_count() == 8
+net = classifier.Classifier(rngs=nnx.Rngs(0))
+net.eval()
+apply, batch = features._compile(net, 12)  # rounded up to 16: two images per device
+fn = features.FeatureNetwork(name="c", description="", apply=apply, batch_size=batch)
+images = np.random.default_rng(0).integers(0, 256, (21, 32, 32, 3), dtype=np.uint8)
+out = fn(images)
+want = net(jnp.asarray(images))
+vq = tokenizer_lib.VQModel(tokenizer_lib.vq_config("fmnist", base_channels=8, z_channels=8, codebook_size=64,
+                                                   num_groups=4, num_res_blocks=1, attn_levels=()), rngs=nnx.Rngs(0))
+model = ParTransformer(model_config("tiny", vocab_size=64, num_classes=10, grid_shape=(8, 8), n=4, dtype="float32"),
+                       rngs=nnx.Rngs(1))
+labels = evaluators.make_labels(12, 10, "uniform", 0)
+settings = sampling.SampleSettings(guidance=1.5)
+run = lambda: list(evaluators.generate(model, vq, labels, settings, seed=0, batch_size=8, resolution=24))
+first, second = run(), run()
+print(json.dumps({
+    "batch": batch, "pool_err": float(np.abs(out["pool"] - np.asarray(want["pool"])).max()),
+    "logits_err": float(np.abs(out["logits"] - np.asarray(want["logits"])).max()),
+    "shapes": [list(b[0].shape) for b in first], "labels": np.concatenate([b[1] for b in first]).tolist(),
+    "repeatable": all((a[0] == b[0]).all() for a, b in zip(first, second)),
+}))
+"""
+
+
+@pytest.mark.slow  # a fresh process compiling the sampler, decoder and classifier for 8 devices
+def test_features_and_sampling_sharded_over_eight_devices():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED, root], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["batch"] == 16
+    assert out["pool_err"] < 1e-4 and out["logits_err"] < 1e-4
+    assert out["shapes"] == [[8, 24, 24, 3], [4, 24, 24, 3]]  # 12 samples in batches of 8, the last one cut
+    from par_jax.evaluation import evaluators
+    assert out["labels"] == evaluators.make_labels(12, 10, "uniform", 0).tolist() and out["repeatable"]

@@ -13,10 +13,10 @@ fixed-size padded batches, so each resolution compiles once; results come back t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -69,15 +69,16 @@ class FeatureNetwork:
 def _compile(model: nnx.Module, batch_size: int) -> tuple[Callable, int]:
     devices = jax.local_device_count()
     batch_size = -(-batch_size // devices) * devices  # round up so every device gets the same share
-    mesh = local_mesh()
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+    state = jax.device_put(state, NamedSharding(local_mesh(), P()))
+    return (lambda images: _apply(graphdef, state, images)), batch_size
 
-    @jax.jit
-    def apply(state, images):
-        return nnx.merge(graphdef, state)(images)
 
-    return (lambda images: apply(state, images)), batch_size
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, images):
+    # Module-level, keyed by the network's structure: rebuilding a network (each evaluation during training, the
+    # job's reference and sample passes) reuses the compiled program.
+    return nnx.merge(graphdef, state)(images)
 
 
 def inception_network(weights_path: str, *, batch_size: int = 64) -> FeatureNetwork:

@@ -317,20 +317,20 @@ def load(path_or_state, *, input_size: int = INPUT_SIZE) -> InceptionV3:
     """
     state = read_state_dict(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else dict(path_or_state)
     state = {k: np.asarray(v) for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    abstract = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), input_size=input_size))
-    graphdef, weights, rest = nnx.split(abstract, _WEIGHTS, ...)
-    flat = nnx.to_flat_state(weights)
-    expected = {_torch_key(path): (path, v) for path, v in flat}
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+    shapes = torch_state_shapes()
+    missing = sorted(set(shapes) - set(state))
+    extra = sorted(set(state) - set(shapes))
     if missing or extra:
         raise ValueError(f"the weight file does not match the FID InceptionV3: {len(missing)} missing keys "
                          f"{missing[:5]}{'...' if len(missing) > 5 else ''}, {len(extra)} unexpected keys "
                          f"{extra[:5]}{'...' if len(extra) > 5 else ''} (is it {WEIGHTS_FILE}?).")
-    for key, (path, variable) in expected.items():  # check everything before converting anything
-        if state[key].shape != _torch_shape(variable.shape):
-            raise ValueError(f"weight {key!r} has shape {state[key].shape}; the FID InceptionV3 needs "
-                             f"{_torch_shape(variable.shape)} (PyTorch layout).")
-    for key, (path, variable) in expected.items():
-        variable.set_value(jnp.asarray(_from_torch_layout(state[key].astype(np.float32))))
+    for key, shape in shapes.items():  # check everything before converting anything
+        if state[key].shape != shape:
+            raise ValueError(f"weight {key!r} has shape {state[key].shape}; the FID InceptionV3 needs {shape} "
+                             f"(PyTorch layout).")
+    abstract = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), input_size=input_size))
+    graphdef, weights, rest = nnx.split(abstract, _WEIGHTS, ...)
+    flat = nnx.to_flat_state(weights)
+    for path, variable in flat:
+        variable.set_value(jnp.asarray(_from_torch_layout(state[_torch_key(path)].astype(np.float32))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
