@@ -17,6 +17,7 @@ JOBS = {
     "evaluate": "par_jax.evaluation.job:run",
     "extract_codes": "par_jax.data.extract:run",
     "train_tokenizer": "par_jax.tokenizer.train:train_and_evaluate",
+    "evaluate_tokenizer": "par_jax.tokenizer.evaluate:run",
     "demo": "par_jax.demo:run",
 }
 

@@ -1,0 +1,80 @@
+"""The VQ image tokenizer (LlamaGen VQ-16 by default): model, losses, training job, and loading a trained one.
+
+    from par_jax import tokenizer
+    model = tokenizer.load("workdirs/tokenizer_fmnist")       # a training workdir, a step or an export
+    codes = model.encode(images)                              # (B, H, W, 3) in [-1, 1] -> (B, h, w) int32
+    images = model.decode(codes)                              # -> (B, H, W, 3) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from par_jax.tokenizer.vq import CONFIGS, Quantized, VQConfig, VQModel, count_params, from_config_dict, vq_config
+
+__all__ = ["CONFIGS", "Quantized", "VQConfig", "VQModel", "count_params", "from_config_dict", "vq_config", "load",
+           "read_config"]
+
+# Fields that change only how the model runs, not what its parameters mean.
+RUNTIME_FIELDS = frozenset({"dtype", "dropout", "image_size"})
+
+
+def _checkpoint_dir(path: epath.Path) -> epath.Path:
+    if (path / "model_config").exists():
+        return path
+    from par_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
+    step_dir = ckpt_lib.latest_step_dir(path)
+    if step_dir is None:
+        raise FileNotFoundError(f"no tokenizer checkpoint in {path}: expected a directory with params/ and "
+                                f"model_config/ (an export such as WORKDIR/tokenizer, or one training step) or a "
+                                f"train_tokenizer workdir with checkpoints/<step>/.")
+    return step_dir
+
+
+def read_config(path) -> VQConfig:
+    """The VQConfig stored with a tokenizer checkpoint."""
+    directory = _checkpoint_dir(epath.Path(path))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        d = ckptr.restore(directory, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))["model_config"]
+    fields = {f.name for f in dataclasses.fields(VQConfig)}
+    if "codebook_size" not in d:
+        raise ValueError(f"{directory} holds a {sorted(d)[:6]}... config, not a tokenizer's (no codebook_size): "
+                         f"is it a decoder checkpoint?")
+    # Derived values stored beside the fields (e.g. grid_shape) are not fields.
+    return VQConfig.from_dict({k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
+
+
+def load(path, cfg: Optional[VQConfig] = None) -> VQModel:
+    """A trained VQModel from a checkpoint directory (an export or one training step) or a training workdir (its
+    latest step).
+
+    cfg: None uses the checkpoint's own config; otherwise it must agree with it except in runtime fields
+    (dtype, dropout, image_size), e.g. to encode in bfloat16. A mismatch (say a different codebook dimension) is an
+    error listing every differing field.
+    """
+    directory = _checkpoint_dir(epath.Path(path))
+    saved = read_config(directory)
+    if cfg is None:
+        cfg = saved
+    else:
+        diffs = [f"{f.name}: checkpoint {getattr(saved, f.name)!r} vs requested {getattr(cfg, f.name)!r}"
+                 for f in dataclasses.fields(VQConfig)
+                 if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)]
+        if diffs:
+            raise ValueError(f"tokenizer checkpoint {directory} does not match the requested config:\n  "
+                             + "\n  ".join(diffs))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: VQModel(cfg, rngs=nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nnx.to_pure_dict(state))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        params = ckptr.restore(directory, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    logging.info("tokenizer loaded from %s", directory)
+    return nnx.merge(graphdef, params)

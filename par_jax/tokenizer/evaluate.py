@@ -1,0 +1,46 @@
+r"""The evaluate_tokenizer job: reconstruction quality of a trained (or converted) tokenizer on an image split.
+
+    python -m par_jax.main --job=evaluate_tokenizer --config=configs/vq.py:fmnist --workdir=workdirs/tokenizer_fmnist
+
+Scores `config.eval.tokenizer` (default: the workdir's tokenizer) on the first `config.eval.final_num_images` images
+(<= 0: all) of `config.data.eval_split`, and writes WORKDIR/eval_tokenizer/metrics.json (MSE and PSNR in [0, 1]
+pixel units, codebook usage, dead codes, perplexity) and reconstructions.png (originals beside reconstructions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from absl import logging
+from flax import nnx
+
+from par_jax import tokenizer as tokenizer_lib
+from par_jax.tokenizer import train
+from par_jax.training import mesh as mesh_lib
+from par_jax.training import sharding as sharding_lib
+from par_jax.utils import images as images_lib
+
+OUT_DIR = "eval_tokenizer"
+
+
+def run(config, workdir: str) -> dict[str, float]:
+    workdir = os.path.abspath(workdir) if "://" not in os.fspath(workdir) else os.fspath(workdir)
+    path = config.eval.get("tokenizer", "") or workdir
+    model = tokenizer_lib.load(path)
+    mesh = mesh_lib.create_mesh(dict(config.mesh))
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), sharding_lib.replicated(mesh))
+    metrics, originals, recons = train.evaluate(params, config, model.config, nnx.graphdef(model), mesh,
+                                                num_images=config.eval.final_num_images,
+                                                grid_images=config.train.grid_images)
+    metrics = {"tokenizer": str(path), "split": f"{config.data.image_source}/{config.data.eval_split}",
+               "crop": int(config.eval.crop), **metrics}
+    logging.info("tokenizer %s on %s: %s", path, metrics["split"], metrics)
+    if jax.process_index() == 0:
+        out = os.path.join(workdir, OUT_DIR)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        images_lib.save_png(os.path.join(out, "reconstructions.png"), train.reconstruction_grid(originals, recons))
+    return metrics
