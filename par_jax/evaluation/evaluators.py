@@ -116,26 +116,6 @@ def make_labels(num: int, num_classes: int, mode: str = "uniform", seed: int = 0
     raise ValueError(f"unknown label mode {mode!r}; choose one of {LABEL_MODES}.")
 
 
-def _process_share(num: int) -> tuple[int, int]:
-    """[start, end) of the samples this process generates (contiguous shares; all processes know all labels)."""
-    count, index = jax.process_count(), jax.process_index()
-    per = -(-num // count)
-    return min(index * per, num), min((index + 1) * per, num)
-
-
-def gather(x: np.ndarray) -> np.ndarray:
-    """Concatenate every process's rows of `x` in process order (identity with one process)."""
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    # Shares differ by at most one batch; pad to the largest and cut after gathering.
-    sizes = multihost_utils.process_allgather(np.asarray([len(x)]))
-    most = int(np.max(sizes))
-    padded = np.concatenate([x, np.zeros((most - len(x), *x.shape[1:]), x.dtype)])
-    parts = multihost_utils.process_allgather(padded)
-    return np.concatenate([p[:int(n)] for p, n in zip(parts, np.ravel(sizes))])
-
-
 def make_decoder(tokenizer, grid_shape, resolution: int) -> Callable[[jax.Array], np.ndarray]:
     """Raster tokens (B, N) -> uint8 images (B, R, R, 3): VQ decode, the release's bicubic resize, its uint8 rule."""
     graphdef, state = nnx.split(tokenizer)
@@ -173,29 +153,30 @@ def check_tokenizer(model_config, tokenizer) -> None:
 
 def generate(model, tokenizer, labels: np.ndarray, settings, *, seed: int, batch_size: int, resolution: int,
              what: str = "samples") -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (uint8 images (b, R, R, 3), labels (b,)) for all `labels`, in order, batch by batch (on every process).
+    """Yield this process's (uint8 images (b, R, R, 3), labels (b,)) batch by batch.
 
-    Each process samples its own share on its local devices (the Sampler shards a batch over them); batch i of a
-    process uses the key fold_in(key(seed), global index of its first sample), so a run is reproducible for a given
-    batch size and process count. Logs progress with images/s and ETA.
+    Each process samples its own contiguous share of `labels` on its local devices (the Sampler shards a batch over
+    them), in the same number of batches on every process (so gathers line up; a short share yields short or empty
+    batches). With one process the batches cover `labels` in order. The batch starting at global sample i uses the
+    key fold_in(key(seed), i): a run is reproducible for a given batch size and process count. Logs progress with
+    images/s and ETA.
     """
     from par_jax import sampling  # noqa: PLC0415
 
     check_tokenizer(model.config, tokenizer)
-    start, end = _process_share(len(labels))
+    start, end, share = features_lib.process_share(len(labels))
     local = labels[start:end]
     sampler = sampling.Sampler(model, settings, batch_size=batch_size)
     decode = make_decoder(tokenizer, model.config.grid_shape, resolution)
     base_key = jax.random.key(seed)
-    t0, done, total = time.time(), 0, len(labels)
-    num_batches = -(-max(len(local), 1) // batch_size)
+    t0, total = time.time(), len(labels)
+    num_batches = -(-share // batch_size)
     for b in range(num_batches):
         part = local[b * batch_size:(b + 1) * batch_size]
         padded = np.concatenate([part, np.zeros(batch_size - len(part), np.int32)])
         tokens = sampler(padded, jax.random.fold_in(base_key, start + b * batch_size))
         images = decode(tokens)[:len(part)]
-        images, part = gather(images), gather(part)
-        done += len(part)
+        done = min(total, (b + 1) * batch_size * jax.process_count())
         elapsed = time.time() - t0
         rate = done / elapsed if elapsed > 0 else float("nan")
         logging.info("%s: %d/%d images (%.1f%%), %.2f images/s, ETA %s", what, done, total, 100 * done / total, rate,
@@ -349,5 +330,5 @@ def evaluate(model, config, *, step: int, workdir: str, **overrides) -> dict[str
     for images, part in generate(model, tokenizer, labels, settings, seed=int(ec.seed),
                                  batch_size=int(ec.batch_size), resolution=int(ec.resolution),
                                  what=f"eval samples at step {step}"):
-        collector.add(images, part)
+        collector.add(images, part, local=True)
     return compute_metrics(names, collector.result(), reference, network, ec)

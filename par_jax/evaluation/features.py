@@ -29,9 +29,30 @@ NETWORKS = ("inception", "fmnist_classifier")
 
 def local_mesh() -> jax.sharding.Mesh:
     """This process's devices on one `data` axis (evaluation is embarrassingly parallel over images; with several
-    processes each one handles its own share and the results are gathered on the host, see evaluators.py)."""
+    processes each one handles its own share and the features are gathered on the host, see `gather`)."""
     devices = jax.local_devices()
     return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def process_share(num: int) -> tuple[int, int, int]:
+    """(start, end, share): the contiguous rows [start, end) of `num` that this process handles, and the largest
+    share of any process (every process runs that many rows' worth of batches, so collectives line up)."""
+    count, index = jax.process_count(), jax.process_index()
+    share = -(-num // count)
+    return min(index * share, num), min((index + 1) * share, num), share
+
+
+def gather(x: np.ndarray) -> np.ndarray:
+    """Every process's rows of `x`, concatenated in process order, on every process (identity for one process)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    sizes = np.ravel(multihost_utils.process_allgather(np.asarray([len(x)])))
+    most = int(np.max(sizes))
+    padded = np.concatenate([x, np.zeros((most - len(x), *x.shape[1:]), x.dtype)])
+    parts = multihost_utils.process_allgather(padded)
+    return np.concatenate([p[:int(n)] for p, n in zip(parts, sizes)])
 
 
 @dataclasses.dataclass
@@ -163,8 +184,13 @@ class FeatureCollector:
         self._pool_stats = metrics.StatsAccumulator()
         self._spatial_stats = metrics.StatsAccumulator() if network.has_spatial else None
 
-    def add(self, images, labels=None) -> None:
+    def add(self, images, labels=None, *, local: bool = False) -> None:
+        """Add a batch. `local=True`: each process passes its own images and the features (not the images) are
+        gathered from all processes."""
         out = self.network(images)
+        if local:
+            out = {k: gather(v) for k, v in out.items()}
+            labels = None if labels is None else gather(labels)
         self._pool.append(out["pool"].astype(np.float32))
         self._logits.append(out[self.network.score_logits].astype(np.float32))
         self._pool_stats.update(out["pool"])

@@ -72,6 +72,10 @@ class _Grid:
     def __init__(self, count: int):
         self.count, self.images = count, []
 
+    @property
+    def full(self) -> bool:
+        return sum(len(x) for x in self.images) >= self.count
+
     def add(self, images: np.ndarray) -> None:
         have = sum(len(x) for x in self.images)
         if have < self.count:
@@ -144,10 +148,12 @@ def run(config, workdir: str) -> dict[str, Any]:
         try:
             for images, part in evaluators.generate(model, tokenizer, labels, sample_settings, seed=int(ec.seed),
                                                     batch_size=int(ec.batch_size), resolution=int(ec.resolution)):
-                if writer is not None:
-                    writer.write(images, part)
-                collector.add(images, part)
-                grid.add(images)
+                collector.add(images, part, local=True)
+                if ec.save_npz or not grid.full:  # the same decision on every process (gathers are collective)
+                    images, part = features_lib.gather(images), features_lib.gather(part)
+                    if writer is not None:
+                        writer.write(images, part)
+                    grid.add(images)
         finally:
             if writer is not None:
                 writer.close()
