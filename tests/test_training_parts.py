@@ -89,7 +89,7 @@ def test_weight_decay_hits_matrices_and_embeddings_but_not_norms():
     opt = OPT.copy_and_resolve_references()
     tx = optim.make_optimizer(opt, optax.constant_schedule(0.1), specs)
     params = jax.tree.map(lambda s: jnp.ones([2] * len(s)), specs, is_leaf=sharding.is_logical_names)
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     new = optax.apply_updates(params, updates)
     np.testing.assert_allclose(new["output"], 1 - 0.1 * 0.05, rtol=1e-6)
     np.testing.assert_array_equal(new["norm"]["weight"], 1.0)
@@ -104,9 +104,9 @@ def test_gradients_are_clipped_to_the_configured_global_norm():
     grads = [{"w": jnp.full((3, 3), 100.0)}, {"w": jnp.arange(9.0).reshape(3, 3) / 10}]
 
     def second_update(tx):
-        state = tx.init(params)
+        state, update = tx.init(params), jax.jit(tx.update)
         for g in grads:
-            updates, state = tx.update(g, state, params)
+            updates, state = update(g, state, params)
         return updates["w"]
 
     ours = second_update(optim.make_optimizer(opt, optax.constant_schedule(0.1), specs))
@@ -153,16 +153,37 @@ def test_peak_flops_table_and_override():
     assert flops.table_peak_flops(FakeDevice(), "float32") is None
 
 
-def test_evaluators_resolve_by_name_or_function_and_reject_unknown():
-    evaluators.REGISTRY["test_norm"] = "numpy.linalg:norm"
+def _check_positive(config, *, scale=1.0):
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+
+
+def _scaled_seed(model, config, *, step, workdir, scale=1.0):
+    return {"value": scale * config.seed}
+
+
+_scaled_seed.validate = _check_positive
+
+
+def test_evaluators_resolve_validate_and_run():
+    config = common.par_config("runlocal")
+    evaluators.REGISTRY["test_seed"] = f"{__name__}:_scaled_seed"
     try:
-        evals = evaluators.Evaluators({"test_norm": {"every_steps": 10},
-                                       "explicit": {"fn": "math:fsum", "every_steps": 0}})
-        assert [e[0] for e in evals.due(20, last=False)] == ["test_norm"]
-        assert [e[0] for e in evals.due(7, last=True)] == ["test_norm", "explicit"]
+        config.evals = {"test_seed": {"every_steps": 10, "scale": 3.0},
+                        "explicit": {"fn": f"{__name__}:_scaled_seed", "every_steps": 0}}
+        evals = evaluators.Evaluators(config)
+        assert [e[0] for e in evals.due(20, last=False)] == ["test_seed"]
+        assert sorted(e[0] for e in evals.due(7, last=True)) == ["explicit", "test_seed"]
+        assert evals.run(evals.due(7, last=True), None, config, step=7, workdir="") == {
+            "eval/test_seed/value": 3.0 * config.seed, "eval/explicit/value": 1.0 * config.seed}
+        config.evals = {"test_seed": {"every_steps": 10, "scale": -1.0}}
+        with pytest.raises(ValueError, match="scale must be positive"):  # validated before training starts
+            evaluators.Evaluators(config)
     finally:
-        del evaluators.REGISTRY["test_norm"]
+        del evaluators.REGISTRY["test_seed"]
+    config.evals = {"fid": {"every_steps": 10}}
     with pytest.raises(ValueError, match="no evaluator named 'fid'"):
-        evaluators.Evaluators({"fid": {"every_steps": 10}})
+        evaluators.Evaluators(config)
+    config.evals = {"x": {"fn": "par_jax.nothing:run"}}
     with pytest.raises(ValueError, match="cannot load evaluator 'par_jax.nothing:run'"):
-        evaluators.Evaluators({"x": {"fn": "par_jax.nothing:run"}})
+        evaluators.Evaluators(config)

@@ -3,7 +3,9 @@
 `config.evals` maps a name to its settings: `{"every_steps": N, "fn": "module:function" (optional), **kwargs}`. The
 function comes from `fn` or, by the entry's name, from `REGISTRY` (which evaluation code fills with a line each). It
 is called as `fn(model, config, *, step, workdir, **kwargs)` with the current ParTransformer (EMA weights when
-kept) and returns {metric name: scalar}; the loop writes them as `eval/<name>/<metric>`.
+kept) and returns {metric name: scalar}; the loop writes them as `eval/<name>/<metric>`. If the function has a
+`validate` attribute, `fn.validate(config, **kwargs)` runs before training starts (cheap checks: files exist,
+metric names are known), so a bad entry fails in seconds rather than at the first evaluation.
 """
 
 from __future__ import annotations
@@ -32,15 +34,18 @@ def resolve(name: str, settings: Mapping[str, Any]) -> Callable[..., Mapping[str
 class Evaluators:
     """The evaluators of one run, resolved up front so a typo fails before training starts."""
 
-    def __init__(self, evals: Mapping[str, Mapping[str, Any]] | None):
+    def __init__(self, config):
         self.entries = []
-        for name, settings in dict(evals or {}).items():
+        for name, settings in dict(config.get("evals") or {}).items():
             settings = dict(settings)
             every = int(settings.get("every_steps", 0))
             if every < 0:
                 raise ValueError(f"config.evals.{name}.every_steps must be >= 0 (0 = only at the end).")
             kwargs = {k: v for k, v in settings.items() if k not in RESERVED}
-            self.entries.append((name, every, resolve(name, settings), kwargs))
+            fn = resolve(name, settings)
+            if hasattr(fn, "validate"):
+                fn.validate(config, **kwargs)
+            self.entries.append((name, every, fn, kwargs))
 
     def due(self, step: int, last: bool) -> list:
         return [e for e in self.entries if last or (e[1] and step % e[1] == 0)]

@@ -330,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=tc.keep_checkpoints,
                                         save_every_steps=tc.checkpoint_every_steps,
                                         asynchronous=tc.async_checkpoints)
-    evaluators = evaluators_lib.Evaluators(config.get("evals"))
+    evaluators = evaluators_lib.Evaluators(config)
     samples = SampleGrids(config, workdir, writer)
     start = ckpt.latest_step()
     with jax.set_mesh(mesh):

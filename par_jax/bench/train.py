@@ -1,0 +1,129 @@
+r"""Training speed: step time, tokens/s and MFU of the real train step, against a matmul peak measured in this run.
+
+    python -m par_jax.bench.train [--sizes=tiny,B] [--batch=16,2] [--res=256] [--n=4] [--runs=5] [--json=bench_train.json]
+
+For each size, the compiled step of `par_jax.training.train` (AdamW, clipping, dropout on, donated state, the
+config's mesh over all local devices) runs on random codes: one warm-up step, then `--runs` steps each timed to
+completion; the median is reported. MFU = model FLOPs per step (par_jax.training.flops: matmuls, 3x forward) per
+second over the peak: on CPU the best FLOP/s of chains of square matmuls (1024 and 2048) measured in the same
+process before and after the steps (so MFU says how close the step comes to what this machine's matmul units give),
+on known accelerators the vendor bfloat16 figure. Compile time and XLA's temporary memory are reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from configs import common
+from par_jax.training import flops, mesh as mesh_lib, optim, train
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def bench_size(size: str, batch: int, args) -> dict:
+    config = common.par_config(f"size={size},n={args.n},res={args.res}")
+    config.model.dtype = args.dtype
+    config.train.batch_size = batch
+    mesh = mesh_lib.create_mesh(config.mesh)
+    schedule = optim.learning_rate_schedule(config.optimizer, total_steps=1000, warmup=0)
+    trainer = train.make_trainer(config, mesh, schedule)
+    cfg = trainer.model_cfg
+    start = time.perf_counter()
+    compiled = trainer.compile(batch)
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    state = trainer.init()
+    rng = np.random.default_rng(0)
+    batches = [trainer.put({"tokens": rng.integers(0, cfg.vocab_size, (batch, cfg.num_tokens), dtype=np.int32),
+                            "label": rng.integers(0, cfg.num_classes, (batch,), dtype=np.int32)})
+               for _ in range(2)]
+    state, metrics = compiled(state, batches[0])  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for i in range(args.runs):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batches[i % 2])
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    model_flops = flops.train_flops_per_example(cfg) * batch
+    tokens = batch * cfg.num_tokens
+    return {
+        "size": size, "params": int(sum(x.size for x in jax.tree.leaves(trainer.abstract_state["params"]))),
+        "n": cfg.n, "grid": list(cfg.grid_shape), "batch": batch, "dtype": cfg.dtype, "mesh": dict(mesh.shape),
+        "tokens_per_step": tokens, "compile_s": compile_s, "step_s": step_s, "step_s_runs": times,
+        "tokens_per_s": tokens / step_s, "model_flops_per_step": model_flops,
+        "achieved_flops_per_s": model_flops / step_s,
+        "temp_bytes": getattr(memory, "temp_size_in_bytes", None), "loss": float(metrics["loss"]),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="tiny,B")
+    p.add_argument("--batch", default="16,2", help="global batch per size (comma-separated, same order)")
+    p.add_argument("--res", default=256, type=int, help="image resolution (tokens per side = res / 16)")
+    p.add_argument("--n", default=4, type=int)
+    p.add_argument("--dtype", default="float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
+    p.add_argument("--runs", default=5, type=int, help="timed steps after the warm-up (median reported)")
+    p.add_argument("--json", default="bench_train.json")
+    args = p.parse_args(argv)
+    sizes, batches = args.sizes.split(","), [int(b) for b in args.batch.split(",")]
+    if len(batches) != len(sizes):
+        p.error(f"--batch needs one value per size ({len(sizes)}), got {len(batches)}.")
+    if args.runs < 3:
+        p.error("--runs must be at least 3 (the median of several runs is reported).")
+
+    info = machine()
+    on_cpu = jax.devices()[0].platform == "cpu"
+
+    def cpu_peak():
+        return max(flops.measure_matmul_peak(args.dtype, size=s) for s in (1024, 2048))
+
+    if on_cpu:  # measured before and after the sizes (the machine may be shared); the best is the peak
+        peak, source = cpu_peak(), f"best float32 matmul chain measured in this run ({args.dtype})"
+    else:
+        peak, source = flops.peak_flops_per_device(args.dtype)
+    print(f"# {info['cpu']} ({info['cpu_count']} cores), {info['platform']} x{info['device_count']}, jax "
+          f"{info['jax']}, load average {info['loadavg_start']:.2f}")
+    results = [bench_size(size, batch, args) for size, batch in zip(sizes, batches)]
+    if on_cpu:
+        peak = max(peak, cpu_peak())
+    info.update(peak_flops_per_device=peak, peak_source=source)
+    rows = [dict(r, peak_flops_per_s=peak * jax.device_count(),
+                 mfu=r["achieved_flops_per_s"] / (peak * jax.device_count())) for r in results]
+    print(f"# peak {peak / 1e9:.1f} GFLOP/s per device ({source})")
+    print(f"{'size':<5} {'params':>11} {'batch':>5} {'tokens':>6} {'compile s':>9} {'step ms':>9} "
+          f"{'tokens/s':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6}")
+    for r in rows:
+        print(f"{r['size']:<5} {r['params']:>11,} {r['batch']:>5} {r['tokens_per_step']:>6} {r['compile_s']:>9.1f} "
+              f"{1e3 * r['step_s']:>9.1f} {r['tokens_per_s']:>9.0f} {r['model_flops_per_step'] / 1e9:>10.1f} "
+              f"{r['achieved_flops_per_s'] / 1e9:>8.1f} {100 * r['mfu']:>5.1f}%")
+    print(f"(median of {args.runs} steps; {args.res}px = {rows[0]['grid'][0]}x{rows[0]['grid'][1]} tokens, n={args.n}, "
+          f"{args.dtype}; MFU against the peak above)")
+    with open(args.json, "w") as f:
+        json.dump({"machine": info, "args": vars(args), "rows": rows}, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
