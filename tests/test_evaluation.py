@@ -373,6 +373,10 @@ def test_classifier_save_load_round_trip_and_feature_network(small_classifier, f
     x = jnp.asarray(classifier.place(fmnist_test_split[0][:5]))
     np.testing.assert_allclose(loaded(x)["logits"], model(x)["logits"], rtol=1e-5, atol=1e-5)
     assert "history" in metadata
+    # Loading inside a training loop's mesh context (abstract shapes then carry the mesh) must work too.
+    with jax.set_mesh(jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))):
+        in_mesh, _ = classifier.load(directory)
+    np.testing.assert_allclose(in_mesh(x)["logits"], model(x)["logits"], rtol=1e-5, atol=1e-5)
     net = features.classifier_network(directory, batch_size=4)  # batches of 4, padded: 5 -> 2 calls
     out = net(np.asarray(x))
     assert out["pool"].shape == (5, classifier.FEATURE_DIM)

@@ -187,7 +187,9 @@ def load(directory) -> tuple[Classifier, dict[str, Any]]:
                                 f"`python -m par_jax.evaluation.classifier --out={directory}` or let "
                                 f"`load_or_train` do it.")
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Classifier(rngs=nnx.Rngs(0))), nnx.Param, ...)
-    target = nnx.to_pure_dict(params)
+    # Explicit device: under a training loop's `jax.set_mesh`, abstract shapes carry that mesh's abstract sharding.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(params))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(directory, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore()))

@@ -332,3 +332,7 @@ def evaluate(model, config, *, step: int, workdir: str, **overrides) -> dict[str
                                  what=f"eval samples at step {step}"):
         collector.add(images, part, local=True)
     return compute_metrics(names, collector.result(), reference, network, ec)
+
+
+# par_jax.training.evaluators runs `fn.validate(config, **kwargs)` before training starts.
+evaluate.validate = validate
