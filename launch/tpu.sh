@@ -5,7 +5,7 @@
 #
 # Commands:
 #   create  create the slice: a TPU VM, or with --queued a queued resource (waits until ACTIVE); --spot for spot
-#   setup   copy this checkout's git HEAD to every worker and pip install it with jax[tpu]
+#   setup   copy this checkout's git HEAD to every worker and install it with jax[tpu] in a Python 3.11+ venv
 #   run     start `python3 -m par_jax.main` on all workers in the background, workdir on a bucket
 #   logs    copy each worker's log of a run to logs/RUN_NAME/WORKER.log
 #   stop    stop a run on all workers
@@ -20,6 +20,7 @@
 #   --spot (SPOT=1)                 spot capacity (preemptible, much cheaper)         create
 #   --queued (QUEUED=1)             go through a queued resource                      create, delete
 #   --jax-version=JAX_VERSION       pin jax[tpu]==VERSION (default: newest)           setup
+#   --python=PYTHON_VERSION         the venv's Python (default 3.11; TPU images ship 3.10, too old for JAX)  setup
 #   --config=CONFIG                 e.g. configs/par.py:size=XL,n=4,res=384           run
 #   --name=RUN_NAME                 run name: workdir, log and pid file names         run, logs, stop
 #   --bucket=BUCKET                 workdir gs://BUCKET/runs/RUN_NAME ...             run
@@ -50,6 +51,7 @@ while (($#)); do
     --accelerator=*) ACCELERATOR_TYPE="${1#*=}" ;;
     --runtime-version=*) RUNTIME_VERSION="${1#*=}" ;;
     --jax-version=*) JAX_VERSION="${1#*=}" ;;
+    --python=*) PYTHON_VERSION="${1#*=}" ;;
     --config=*) CONFIG="${1#*=}" ;;
     --name=*) RUN_NAME="${1#*=}" ;;
     --bucket=*) BUCKET="${1#*=}" ;;
@@ -69,7 +71,7 @@ require ZONE --zone
 require TPU_NAME --tpu
 WHERE=(--zone="$ZONE" --project="$PROJECT_ID")
 # shellcheck disable=SC2016  # expanded on each worker
-RUNS_DIR='$HOME/par_jax_runs'
+RUNS_DIR='$HOME/par_jax_runs' VENV='$HOME/par_jax_env'
 
 # The TPU VM image that goes with each TPU generation (Cloud TPU docs, "TPU software versions").
 default_runtime_version() {
@@ -115,7 +117,8 @@ create() {
   fi
 }
 
-# Every worker gets the same code (this checkout's committed HEAD) and the same packages.
+# Every worker gets the same code (this checkout's committed HEAD) and the same packages, in a venv made by uv
+# (which also fetches the Python: the TPU VM images' python3 is 3.10, and JAX needs 3.11 or newer).
 setup() {
   local repo tarball jax="jax[tpu]"
   repo="$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)"
@@ -124,8 +127,10 @@ setup() {
   echo "# code: commit $(git -C "$repo" rev-parse --short HEAD) (uncommitted changes are not copied)" >&2
   run git -C "$repo" archive --format=tar.gz --prefix=par_jax/ -o "$tarball" HEAD
   run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:par_jax.tar.gz" --worker=all "${WHERE[@]}"
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${WHERE[@]}" --command="set -e; rm -rf ~/par_jax; \
-tar xzf ~/par_jax.tar.gz -C ~; python3 -m pip install -q --upgrade pip; python3 -m pip install -q -e ~/par_jax \"$jax\""
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${WHERE[@]}" --command="set -e; \
+rm -rf ~/par_jax $VENV; tar xzf ~/par_jax.tar.gz -C ~; python3 -m pip install -q --user uv; \
+~/.local/bin/uv venv -q --python=${PYTHON_VERSION:-3.11} $VENV; \
+~/.local/bin/uv pip install -q --python=$VENV/bin/python -e ~/par_jax \"$jax\""
 }
 
 # Starts the same command on every worker; jax.distributed finds the other workers by itself on Cloud TPU.
@@ -138,7 +143,7 @@ run_config() {
   fi
   [[ "$WORKDIR" == gs://* ]] || die "WORKDIR '$WORKDIR' is not on a bucket: every worker must see the same workdir (gs://...)."
   local main
-  main="$(print_command python3 -m par_jax.main --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")"
+  main="$VENV/bin/python $(print_command -m par_jax.main --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}")"
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${WHERE[@]}" --command="cd ~/par_jax && mkdir -p $RUNS_DIR || exit 1; \
 nohup $main > $RUNS_DIR/$RUN_NAME.log 2>&1 < /dev/null & echo \$! > $RUNS_DIR/$RUN_NAME.pid"
   echo "# started $RUN_NAME on every worker; workdir $WORKDIR; collect logs with: $0 logs --name=$RUN_NAME" >&2

@@ -75,7 +75,7 @@ def test_create_on_demand_vm_with_flags_instead_of_environment():
 
 
 def test_setup_installs_the_checkout_on_every_worker():
-    cmds = _dry(TPU, "setup", "--jax-version=0.10.2", env=TPU_ENV)
+    cmds = _dry(TPU, "setup", "--jax-version=0.10.2", "--python=3.12", env=TPU_ENV)
     archive = _find(cmds, "git", "-C", str(REPO), "archive")[0]
     assert archive[-1] == "HEAD"
     tarball = _option(archive, "-o") if "-o=" in " ".join(archive) else archive[archive.index("-o") + 1]
@@ -85,7 +85,9 @@ def test_setup_installs_the_checkout_on_every_worker():
     assert _option(ssh, "--worker") == "all"
     remote = _option(ssh, "--command")
     assert "tar xzf ~/par_jax.tar.gz" in remote
-    assert 'pip install -q -e ~/par_jax "jax[tpu]==0.10.2"' in remote
+    # A venv with its own Python (the TPU images' 3.10 is too old for JAX), then the checkout and jax[tpu] in it.
+    assert "uv venv -q --python=3.12 $HOME/par_jax_env;" in remote
+    assert 'uv pip install -q --python=$HOME/par_jax_env/bin/python -e ~/par_jax "jax[tpu]==0.10.2"' in remote
 
 
 def test_run_starts_the_config_on_all_workers_with_a_bucket_workdir():
@@ -93,8 +95,8 @@ def test_run_starts_the_config_on_all_workers_with_a_bucket_workdir():
     ssh = _find(cmds, "gcloud", "compute", "tpus", "tpu-vm", "ssh", "par-xl")[0]
     assert _option(ssh, "--worker") == "all"
     remote = shlex.split(_option(ssh, "--command").replace(";", " ; "))
-    main = remote[remote.index("python3"):]
-    assert main[:3] == ["python3", "-m", "par_jax.main"]
+    main = remote[remote.index("$HOME/par_jax_env/bin/python"):]
+    assert main[1:3] == ["-m", "par_jax.main"]
     assert "--config=configs/par.py:size=XL,n=4,res=384" in main
     assert "--workdir=gs://my-bucket/runs/xl4" in main
     assert "--config.train.batch_size=256" in main
