@@ -5,9 +5,10 @@ r"""Training speed: step time, tokens/s and MFU of the real train step, against 
 For each size, the compiled step of `par_jax.training.train` (AdamW, clipping, dropout on, donated state, the
 config's mesh over all local devices) runs on random codes: one warm-up step, then `--runs` steps each timed to
 completion; the median is reported. MFU = model FLOPs per step (par_jax.training.flops: matmuls, 3x forward) per
-second over the peak: on CPU the best FLOP/s of chains of square matmuls (1024 and 2048) measured in the same
-process before and after the steps (so MFU says how close the step comes to what this machine's matmul units give),
-on known accelerators the vendor bfloat16 figure. Compile time and XLA's temporary memory are reported too.
+second over the peak: on CPU (or an accelerator missing from the vendor table) the median FLOP/s of a chain of
+square matmuls timed right after each step in the same process, so that on a shared machine the step and its peak
+see the same load and MFU says how close the step comes to what the matmul units give at that moment; on known
+accelerators the vendor bfloat16 figure. Compile time and XLA's temporary memory are reported too.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def machine() -> dict:
             "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
-def bench_size(size: str, batch: int, args) -> dict:
+def bench_size(size: str, batch: int, args, probe: flops.MatmulProbe | None) -> dict:
     config = common.par_config(f"size={size},n={args.n},res={args.res}")
     config.model.dtype = args.dtype
     config.train.batch_size = batch
@@ -58,12 +59,14 @@ def bench_size(size: str, batch: int, args) -> dict:
                for _ in range(2)]
     state, metrics = compiled(state, batches[0])  # warm-up
     jax.block_until_ready(metrics)
-    times = []
+    times, matmul = [], []
     for i in range(args.runs):
         start = time.perf_counter()
         state, metrics = compiled(state, batches[i % 2])
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
+        if probe is not None:  # the matmul peak right after each step, under the same machine load
+            matmul.append(max(probe.run(), probe.run()))
     step_s = statistics.median(times)
     model_flops = flops.train_flops_per_example(cfg) * batch
     tokens = batch * cfg.num_tokens
@@ -72,7 +75,7 @@ def bench_size(size: str, batch: int, args) -> dict:
         "n": cfg.n, "grid": list(cfg.grid_shape), "batch": batch, "dtype": cfg.dtype, "mesh": dict(mesh.shape),
         "tokens_per_step": tokens, "compile_s": compile_s, "step_s": step_s, "step_s_runs": times,
         "tokens_per_s": tokens / step_s, "model_flops_per_step": model_flops,
-        "achieved_flops_per_s": model_flops / step_s,
+        "achieved_flops_per_s": model_flops / step_s, "matmul_flops_per_s_runs": matmul,
         "temp_bytes": getattr(memory, "temp_size_in_bytes", None), "loss": float(metrics["loss"]),
     }
 
@@ -94,32 +97,32 @@ def main(argv=None):
         p.error("--runs must be at least 3 (the median of several runs is reported).")
 
     info = machine()
-    on_cpu = jax.devices()[0].platform == "cpu"
-
-    def cpu_peak():
-        return max(flops.measure_matmul_peak(args.dtype, size=s) for s in (1024, 2048))
-
-    if on_cpu:  # measured before and after the sizes (the machine may be shared); the best is the peak
-        peak, source = cpu_peak(), f"best float32 matmul chain measured in this run ({args.dtype})"
+    table_peak = flops.table_peak_flops(jax.local_devices()[0], args.dtype)
+    probe = None
+    if table_peak is None:  # CPU or an unknown accelerator: the matmul chain size that runs fastest here
+        probes = [flops.MatmulProbe(args.dtype, size) for size in (1024, 2048)]
+        probe = max(probes, key=lambda pr: max(pr.run() for _ in range(3)))
+        source = f"median of {args.dtype} matmul chains ({probe.a.shape[0]}^2) timed after each step"
     else:
-        peak, source = flops.peak_flops_per_device(args.dtype)
+        source = f"vendor table ({jax.local_devices()[0].device_kind}, {args.dtype})"
     print(f"# {info['cpu']} ({info['cpu_count']} cores), {info['platform']} x{info['device_count']}, jax "
           f"{info['jax']}, load average {info['loadavg_start']:.2f}")
-    results = [bench_size(size, batch, args) for size, batch in zip(sizes, batches)]
-    if on_cpu:
-        peak = max(peak, cpu_peak())
-    info.update(peak_flops_per_device=peak, peak_source=source)
-    rows = [dict(r, peak_flops_per_s=peak * jax.device_count(),
-                 mfu=r["achieved_flops_per_s"] / (peak * jax.device_count())) for r in results]
-    print(f"# peak {peak / 1e9:.1f} GFLOP/s per device ({source})")
+    rows = []
+    for size, batch in zip(sizes, batches):
+        r = bench_size(size, batch, args, probe)
+        peak = statistics.median(r["matmul_flops_per_s_runs"]) if probe else table_peak
+        r.update(peak_flops_per_device=peak, peak_source=source,
+                 mfu=r["achieved_flops_per_s"] / (peak * jax.device_count()))
+        rows.append(r)
     print(f"{'size':<5} {'params':>11} {'batch':>5} {'tokens':>6} {'compile s':>9} {'step ms':>9} "
-          f"{'tokens/s':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'MFU':>6}")
+          f"{'tokens/s':>9} {'GFLOP/step':>10} {'GFLOP/s':>8} {'peak GFLOP/s':>12} {'MFU':>6}")
     for r in rows:
         print(f"{r['size']:<5} {r['params']:>11,} {r['batch']:>5} {r['tokens_per_step']:>6} {r['compile_s']:>9.1f} "
               f"{1e3 * r['step_s']:>9.1f} {r['tokens_per_s']:>9.0f} {r['model_flops_per_step'] / 1e9:>10.1f} "
-              f"{r['achieved_flops_per_s'] / 1e9:>8.1f} {100 * r['mfu']:>5.1f}%")
-    print(f"(median of {args.runs} steps; {args.res}px = {rows[0]['grid'][0]}x{rows[0]['grid'][1]} tokens, n={args.n}, "
-          f"{args.dtype}; MFU against the peak above)")
+              f"{r['achieved_flops_per_s'] / 1e9:>8.1f} {r['peak_flops_per_device'] / 1e9:>12.1f} "
+              f"{100 * r['mfu']:>5.1f}%")
+    print(f"(medians of {args.runs} steps; {args.res}px = {rows[0]['grid'][0]}x{rows[0]['grid'][1]} tokens, "
+          f"n={args.n}, {args.dtype}; peak per device: {source})")
     with open(args.json, "w") as f:
         json.dump({"machine": info, "args": vars(args), "rows": rows}, f, indent=1)
     print(f"wrote {args.json}")

@@ -47,31 +47,46 @@ def table_peak_flops(device: jax.Device, dtype: str) -> float | None:
     return None
 
 
+class MatmulProbe:
+    """A compiled chain of 8 dependent (size x size) matmuls on one device; `run()` times one call -> FLOP/s.
+
+    The chain keeps dispatch overhead out of the figure. Benchmarks interleave probes with the steps they time, so
+    that on a shared machine both see the same load.
+    """
+
+    def __init__(self, dtype: str = "float32", size: int = 1024, device: jax.Device | None = None):
+        self.device = device or jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 in a multi-process job
+        self.flops = 8 * 2 * size**3
+        with self._on_device():
+            a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)) / np.sqrt(size),
+                                           jnp.dtype(dtype)), self.device)
+
+            @jax.jit
+            def chain(x):
+                for _ in range(8):
+                    x = x @ a
+                return x
+
+            self.a, self.chain = a, chain
+            chain(a).block_until_ready()
+
+    def _on_device(self):
+        # The train loop measures under its mesh; a mesh of this one device keeps the measurement on it.
+        return jax.set_mesh(jax.make_mesh((1,), ("device",), axis_types=(jax.sharding.AxisType.Auto,),
+                                          devices=[self.device]))
+
+    def run(self) -> float:
+        with self._on_device():
+            start = time.perf_counter()
+            self.chain(self.a).block_until_ready()
+            return self.flops / (time.perf_counter() - start)
+
+
 def measure_matmul_peak(dtype: str = "float32", size: int = 1024, repeats: int = 5,
                         device: jax.Device | None = None) -> float:
-    """Best-of-`repeats` FLOP/s of a (size x size) @ (size x size) matmul chain on one device.
-
-    A chain of 8 dependent matmuls per call keeps dispatch overhead out of the figure.
-    """
-    device = device or jax.local_devices()[0]  # jax.devices()[0] belongs to process 0 in a multi-process job
-    # The train loop calls this under its mesh; a mesh of this one device keeps the measurement on it.
-    with jax.set_mesh(jax.make_mesh((1,), ("device",), axis_types=(jax.sharding.AxisType.Auto,), devices=[device])):
-        a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)) / np.sqrt(size),
-                                       jnp.dtype(dtype)), device)
-
-        @jax.jit
-        def chain(x):
-            for _ in range(8):
-                x = x @ a
-            return x
-
-        chain(a).block_until_ready()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            chain(a).block_until_ready()
-            times.append(time.perf_counter() - start)
-    return 8 * 2 * size**3 / min(times)
+    """Best-of-`repeats` FLOP/s of a (size x size) @ (size x size) matmul chain on one device."""
+    probe = MatmulProbe(dtype, size, device)
+    return max(probe.run() for _ in range(repeats))
 
 
 def peak_flops_per_device(dtype: str, configured: float = 0.0) -> tuple[float, str]:

@@ -30,6 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from par_jax.data import pipeline
 from par_jax.model import ModelConfig, ParTransformer, from_config_dict
 from par_jax.training import checkpoint
 from par_jax.training import evaluators as evaluators_lib
@@ -301,8 +302,6 @@ class SampleGrids:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (resuming from `workdir` if it has checkpoints) and return the final train metrics."""
-    from par_jax.data import pipeline  # noqa: PLC0415 (TensorFlow-free import path for the rest of the module)
-
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model_cfg = from_config_dict(config.model)
@@ -319,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     loader = pipeline.make_train_loader(config, global_batch_size=tc.batch_size)
     data_iter = iter(loader)
-    total_steps, warmup = run_length(config, lambda: len(pipeline.make_codes_source(config)))
+    total_steps, warmup = run_length(config, lambda: pipeline.num_records(config))
     schedule = optim.learning_rate_schedule(config.optimizer, total_steps, warmup)
 
     trainer = make_trainer(config, mesh, schedule, model_cfg)
