@@ -66,12 +66,11 @@ def meshes(out_dir):
         config.model.update(model_overrides)
         mesh = mesh_lib.create_mesh(config.mesh, devices=jax.devices()[:int(np.prod(shape))])
         trainer = train.make_trainer(config, mesh, schedule)
-        with jax.set_mesh(mesh):
-            state = trainer.init()
-            losses = []
-            for batch in batches:
-                state, metrics = trainer.step(state, trainer.put(batch))
-                losses.append(float(metrics["loss"]))
+        state = trainer.init()
+        losses = []
+        for batch in batches:
+            state, metrics = trainer.step(state, trainer.put(batch))
+            losses.append(float(metrics["loss"]))
         arrays = {"losses": np.array(losses), "step": np.asarray(state["step"])}
         for prefix in ("params", "ema"):
             for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state[prefix]))[0]:

@@ -290,7 +290,8 @@ class SampleGrids:
         labels = np.arange(num, dtype=np.int32) % cfg.num_classes
         settings = sampling.SampleSettings.from_config(self.config.sample)
         key = jax.random.fold_in(jax.random.key(self.config.sample.seed), step)
-        tokens = sampling.sample(model, labels, key, settings)
+        # To host first: the sampler shards its output over the local devices, the tokenizer lives on one.
+        tokens = np.asarray(sampling.sample(model, labels, key, settings))
         pixels = np.asarray(sampling.tokens_to_images(tokens, self._tokenizer, cfg.grid_shape))
         grid = images.make_grid(pixels, rows=max(1, int(math.sqrt(num))))
         if jax.process_index() == 0:
@@ -332,56 +333,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluators = evaluators_lib.Evaluators(config)
     samples = SampleGrids(config, workdir, writer)
     start = ckpt.latest_step()
-    with jax.set_mesh(mesh):
-        if start is None:
-            start, state = 0, trainer.init()
-        else:
-            state = ckpt.restore(start, trainer.abstract_state, data_iter)
-            logging.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
-        if start >= total_steps:
-            logging.info("nothing to do: step %d of %d already reached", start, total_steps)
-            ckpt.close()
-            return {}
-        compiled = trainer.compile(tc.batch_size)
+    # No context mesh: every array carries its sharding, and samplers/evaluators set up their own devices.
+    if start is None:
+        start, state = 0, trainer.init()
+    else:
+        state = ckpt.restore(start, trainer.abstract_state, data_iter)
+        logging.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
+    if start >= total_steps:
+        logging.info("nothing to do: step %d of %d already reached", start, total_steps)
+        ckpt.close()
+        return {}
+    compiled = trainer.compile(tc.batch_size)
 
-        peak, source = flops_lib.peak_flops_per_device(model_cfg.dtype, float(tc.peak_flops))
-        flops_per_step = flops_lib.train_flops_per_example(model_cfg) * tc.batch_size
-        logging.info("MFU against %.3g FLOP/s per device (%s); %.3g model FLOPs per step", peak, source,
-                     flops_per_step)
-        log = MetricsLog(writer, tc.log_every_steps, tc.batch_size * model_cfg.num_tokens, flops_per_step, peak,
-                         ckpt)
-        progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                                   every_steps=tc.log_every_steps)
-        ckpt.install_sigterm_handler()
-        pending = None
-        try:
-            for step in range(start + 1, total_steps + 1):  # `step` = updates done once this iteration ends
-                with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    state, metrics = compiled(state, trainer.put(next(data_iter)))
-                if pending is not None:
-                    log.record(*pending)
-                pending = (step, metrics)
-                progress(step)
-                last, preempted = step == total_steps, ckpt.preempted(step)
-                if last or preempted or ckpt.manager.should_save(step):
-                    log.record(*pending)  # never save a state whose loss is not finite
-                    pending = None
-                    ckpt.save(step, state, data_iter, model_cfg, force=last or preempted)
-                if samples.due(step) or evaluators.due(step, last):
-                    with progress.timed("eval"):
-                        model = trainer.model(state)
-                        if samples.due(step):
-                            samples(model, step)
-                        writer.write_scalars(step, evaluators.run(evaluators.due(step, last), model, config,
-                                                                  step=step, workdir=workdir))
-                if preempted:
-                    logging.warning("preempted: saved step %d, stopping", step)
-                    break
+    peak, source = flops_lib.peak_flops_per_device(model_cfg.dtype, float(tc.peak_flops))
+    flops_per_step = flops_lib.train_flops_per_example(model_cfg) * tc.batch_size
+    logging.info("MFU against %.3g FLOP/s per device (%s); %.3g model FLOPs per step", peak, source,
+                 flops_per_step)
+    log = MetricsLog(writer, tc.log_every_steps, tc.batch_size * model_cfg.num_tokens, flops_per_step, peak,
+                     ckpt)
+    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                               every_steps=tc.log_every_steps)
+    ckpt.install_sigterm_handler()
+    pending = None
+    try:
+        for step in range(start + 1, total_steps + 1):  # `step` = updates done once this iteration ends
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = compiled(state, trainer.put(next(data_iter)))
             if pending is not None:
                 log.record(*pending)
-        finally:
-            ckpt.close()
-            writer.flush()
+            pending = (step, metrics)
+            progress(step)
+            last, preempted = step == total_steps, ckpt.preempted(step)
+            if last or preempted or ckpt.manager.should_save(step):
+                log.record(*pending)  # never save a state whose loss is not finite
+                pending = None
+                ckpt.save(step, state, data_iter, model_cfg, force=last or preempted)
+            if samples.due(step) or evaluators.due(step, last):
+                with progress.timed("eval"):
+                    model = trainer.model(state)
+                    if samples.due(step):
+                        samples(model, step)
+                    results = evaluators.run(evaluators.due(step, last), model, config, step=step, workdir=workdir)
+                    if results:
+                        writer.write_scalars(step, results)
+            if preempted:
+                logging.warning("preempted: saved step %d, stopping", step)
+                break
+        if pending is not None:
+            log.record(*pending)
+    finally:
+        ckpt.close()
+        writer.flush()
     return {"step": step, "loss": log.last_loss}
 
 
