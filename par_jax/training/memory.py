@@ -253,16 +253,16 @@ def compiled(config, acc: Accelerator, devices: Optional[list] = None) -> Memory
     device_batch = global_batch // (mesh_lib.num_batch_shards(mesh) * accum)
     report = functools.partial(MemoryReport, "compiled", str(config.model.get("size", "")), acc.name,
                                dict(mesh.shape), global_batch, device_batch, str(config.model.remat), acc.hbm_bytes)
-    with jax.set_mesh(mesh):
-        lowered = trainer.step.lower(trainer.abstract_state, trainer.abstract_batch(global_batch))
-        try:
-            stats = lowered.compile().memory_analysis()
-        except jax.errors.JaxRuntimeError as e:
-            found = _OOM.search(str(e))
-            if "RESOURCE_EXHAUSTED" not in str(e) or not found:
-                raise
-            temp = int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " "))
-            return report(temp, {"temporaries": temp}, note="does not compile: XLA ran out of device memory")
+    # Lowered as the train loop lowers it (every array carries its sharding; no context mesh).
+    lowered = trainer.step.lower(trainer.abstract_state, trainer.abstract_batch(global_batch))
+    try:
+        stats = lowered.compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as e:
+        found = _OOM.search(str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+            raise
+        temp = int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " "))
+        return report(temp, {"temporaries": temp}, note="does not compile: XLA ran out of device memory")
     parts = {"arguments": stats.argument_size_in_bytes,
              "outputs": stats.output_size_in_bytes - stats.alias_size_in_bytes,  # donated state is reused
              "temporaries": stats.temp_size_in_bytes, "code": stats.generated_code_size_in_bytes}
