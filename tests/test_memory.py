@@ -20,7 +20,7 @@ RULES = sharding.rules_from_config()
 
 @pytest.mark.parametrize("name, devices, topology, chip_config, hbm_gib", [
     ("v5p-64", 32, "v5p:2x4x4", "megacore", 95),
-    ("v5p-8", 4, "v5p:1x2x2", "megacore", 95),
+    ("v5p-8", 4, "v5p:2x2x1", "megacore", 95),
     ("v4-32", 16, "v4:2x2x4", "megacore", 32),
     ("v4-128", 64, "v4:4x4x4", "megacore", 32),
     ("v5litepod-8", 8, "v5e:2x4", "default", 16),

@@ -70,7 +70,7 @@ def _torus(chips: int, dims: int) -> tuple[int, ...]:
         shape[i] *= 2
     if math.prod(shape) != chips:
         raise ValueError(f"{chips} chips do not form a standard slice (a power of two, at least 4 for v4/v5p).")
-    return tuple(sorted(shape))
+    return tuple(shape)
 
 
 def accelerator(name: str) -> Accelerator:
