@@ -6,7 +6,7 @@
 # Commands:
 #   create  create the slice: a TPU VM, or with --queued a queued resource (waits until ACTIVE); --spot for spot
 #   setup   copy this checkout's git HEAD to every worker and install it with jax[tpu] in a Python 3.11+ venv
-#   run     start `python3 -m par_jax.main` on all workers in the background, workdir on a bucket
+#   run     start `python -m par_jax.main` (in that venv) on all workers in the background, workdir on a bucket
 #   logs    copy each worker's log of a run to logs/RUN_NAME/WORKER.log
 #   stop    stop a run on all workers
 #   delete  delete the slice (and its queued resource with --queued)
