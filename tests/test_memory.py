@@ -3,6 +3,7 @@ paper's sizes, JAX's own shard shapes, and the estimate against XLA's memory ana
 compiled on this CPU."""
 
 import math
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from configs import common
 from par_jax.model import count_params, model_config
 from par_jax.training import memory, sharding
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
 RULES = sharding.rules_from_config()
 
@@ -115,7 +117,7 @@ def test_paper_sizes_report_in_gib_with_the_method_named():
 def test_command_line():
     proc = subprocess.run([sys.executable, "-m", "par_jax.training.memory", "--config=configs/par.py:size=XL",
                            "--accelerator=v5p-32,h100-80gb-x16", "--method=estimate"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("XL on v5p-32") and lines[1].startswith("XL on h100-80gb-x16")
