@@ -518,3 +518,11 @@ def test_extract_codes_job_feeds_the_train_loader(tmp_path, monkeypatch):
     config.model.grid_shape = (2, 2)
     with pytest.raises(ValueError, match=r"into 4x4 codes but the model expects \(2, 2\)"):
         extract.run(config, str(tmp_path / "other"))
+
+
+def test_codes_directories_must_be_local_paths():
+    from par_jax.data import codes as codes_lib
+    with pytest.raises(ValueError, match="is a URL.*gcsfuse"):
+        codes_lib.write_codes("gs://bucket/codes", [], grid_shape=(2, 2), num_views=1, vocab_size=8, num_classes=2)
+    with pytest.raises(ValueError, match="is a URL"):
+        codes_lib.CodesSource("gs://bucket/codes")

@@ -174,11 +174,21 @@ class ShardWriter:
         return self.count
 
 
+def check_local_path(directory: str) -> None:
+    """Codes are read and written with local file APIs (ArrayRecord, os): refuse URLs rather than misplace files."""
+    if "://" in str(directory):
+        raise ValueError(
+            f"codes directory {directory!r} is a URL, but codes are read and written through the local filesystem. "
+            f"Use a path every host can open: mount the bucket (e.g. `gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`) "
+            f"and pass --config.data.codes_dir=/mnt/BUCKET/codes/...")
+
+
 def write_codes(directory: str, records: Iterable[tuple[np.ndarray, int]], *, grid_shape: Sequence[int],
                 num_views: int, vocab_size: int, num_classes: int, records_per_shard: int = 10_000,
                 **metadata: Any) -> CodesMetadata:
     """Writes (codes (num_views, h, w), label) pairs as a codes directory in one process (e.g. to import codes made
     elsewhere). `metadata` sets the other CodesMetadata fields (tokenizer, views, source, ...)."""
+    check_local_path(directory)
     os.makedirs(directory, exist_ok=True)
     dtype = code_dtype(vocab_size)
     shape = (num_views, *grid_shape)
@@ -216,6 +226,7 @@ class CodesSource:
     {"codes": (num_views, h, w), "label": int32}. Checks every shard's record count against the metadata on open."""
 
     def __init__(self, directory: str):
+        check_local_path(directory)
         self.directory = directory
         self.metadata = meta = CodesMetadata.load(directory)
         paths = [os.path.join(directory, f) for f, _ in meta.shards]

@@ -149,6 +149,7 @@ def extract_codes(encoder, source: sources_lib.ImageSource, out_dir: str, *, ima
         raise ValueError(f"the tokenizer turns {image_size}px views into {grid_shape[0]}x{grid_shape[1]} codes but "
                          f"the model expects {tuple(expected_grid_shape)}: set data.image_size (or res) to match.")
 
+    codes_lib.check_local_path(out_dir)
     os.makedirs(os.path.join(out_dir, PARTS_DIR), exist_ok=True)
     start, end = (len(source) * process_index) // process_count, (len(source) * (process_index + 1)) // process_count
     settings = dict(source=source.name, count=len(source), process_count=process_count, views=views,
