@@ -134,8 +134,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     results["samples"] = _run_phase(root, 4, "samples", "sampling a grid with a row per class", sample, force)
 
     def classifier():
-        steps = 2000 if not config.demo.max_images else 100
-        _, meta = classifier_lib.load_or_train(par.eval.classifier, classifier_lib.TrainSettings(steps=steps))
+        _, meta = classifier_lib.load_or_train(par.eval.classifier,
+                                               classifier_lib.TrainSettings(steps=int(config.demo.classifier_steps)))
         return _scalars(meta)
 
     results["classifier"] = _run_phase(root, 5, "classifier", "the Fashion-MNIST classifier for evaluation",
