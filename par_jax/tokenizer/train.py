@@ -153,27 +153,38 @@ def _no_decay_specs(params) -> Any:
     return jax.tree.map(lambda x: ("norm",) if x.ndim == 1 else (None,) * x.ndim, params)
 
 
-def _init_fn(cfg: vq.VQConfig, loss_cfg, seed: int, tx, disc_tx):
-    def init():
-        model = vq.VQModel(cfg, rngs=nnx.Rngs(seed))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        opt_state = {"vq": tx.init(params)}
-        if loss_cfg.disc_weight > 0:
-            disc = losses_lib.PatchDiscriminator(loss_cfg.disc_channels, loss_cfg.disc_layers, cfg.in_channels,
-                                                 rngs=nnx.Rngs(seed + 1))
-            disc_params = nnx.to_pure_dict(nnx.state(disc, nnx.Param))
-            opt_state["discriminator"] = {"params": disc_params, "opt_state": disc_tx.init(disc_params)}
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-    return init
+def _discriminator(cfg: vq.VQConfig, loss_cfg, seed: int) -> losses_lib.PatchDiscriminator:
+    return losses_lib.PatchDiscriminator(loss_cfg.disc_channels, loss_cfg.disc_layers, cfg.in_channels,
+                                         rngs=nnx.Rngs(seed))
 
 
-def _graphdefs(cfg: vq.VQConfig, loss_cfg):
-    vq_def = nnx.graphdef(nnx.eval_shape(lambda: vq.VQModel(cfg, rngs=nnx.Rngs(0))))
-    disc_def = None
+def abstract_models(cfg: vq.VQConfig, loss_cfg):
+    """(vq graphdef, vq params, discriminator graphdef, discriminator params) as abstract shapes, nothing allocated;
+    the discriminator entries are None without the adversarial loss. (Building an NNX model is slow Python: build
+    each once.)"""
+    vq_def, vq_params = nnx.split(nnx.eval_shape(lambda: vq.VQModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    disc_def = disc_params = None
     if loss_cfg.disc_weight > 0:
-        disc_def = nnx.graphdef(nnx.eval_shape(lambda: losses_lib.PatchDiscriminator(
-            loss_cfg.disc_channels, loss_cfg.disc_layers, cfg.in_channels, rngs=nnx.Rngs(0))))
-    return vq_def, disc_def
+        disc_def, disc_params = nnx.split(nnx.eval_shape(lambda: _discriminator(cfg, loss_cfg, 0)), nnx.Param)
+        disc_params = nnx.to_pure_dict(disc_params)
+    return vq_def, nnx.to_pure_dict(vq_params), disc_def, disc_params
+
+
+def state_from_params(params, disc_params, tx, disc_tx) -> dict:
+    """The training state: {"step", "params" (the tokenizer's, exactly), "opt_state": {"vq", "discriminator"?}}."""
+    opt_state = {"vq": tx.init(params)}
+    if disc_params is not None:
+        opt_state["discriminator"] = {"params": disc_params, "opt_state": disc_tx.init(disc_params)}
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+
+
+def init_state(cfg: vq.VQConfig, loss_cfg, seed: int, tx, disc_tx) -> dict:
+    """A fresh training state (jit it with out_shardings to create it in place)."""
+    params = nnx.to_pure_dict(nnx.state(vq.VQModel(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+    disc_params = None
+    if loss_cfg.disc_weight > 0:
+        disc_params = nnx.to_pure_dict(nnx.state(_discriminator(cfg, loss_cfg, seed + 1), nnx.Param))
+    return state_from_params(params, disc_params, tx, disc_tx)
 
 
 def _tree_norm(tree):
@@ -279,14 +290,14 @@ def _check_config(config, cfg: vq.VQConfig):
 
 
 def reconstruction_grid(originals, reconstructions, pairs_per_row: int = 8, min_side: int = 96) -> np.ndarray:
-    """uint8 grid of (original, reconstruction) pairs side by side; small images are enlarged (nearest neighbour)
-    to at least `min_side` pixels so that a person can see the difference."""
-    n = len(originals)
-    pairs = np.stack([images_lib.to_uint8(originals), images_lib.to_uint8(reconstructions)], axis=1)
-    pairs = pairs.reshape((2 * n,) + pairs.shape[2:])
-    scale = max(1, -(-min_side // pairs.shape[1]))
-    pairs = pairs.repeat(scale, axis=1).repeat(scale, axis=2)
-    return images_lib.make_grid(pairs, rows=max(1, -(-n // pairs_per_row)), pad=2 * scale)
+    """uint8 grid of cells, each an original (left) beside its reconstruction (right) split by a grey line; small
+    images are enlarged (nearest neighbour) to at least `min_side` pixels so that a person can see the difference."""
+    originals, reconstructions = images_lib.to_uint8(originals), images_lib.to_uint8(reconstructions)
+    scale = max(1, -(-min_side // originals.shape[1]))
+    line = np.full(originals.shape[:2] + (1,) + originals.shape[3:], 128, np.uint8)
+    cells = np.concatenate([originals, line, reconstructions], axis=2)
+    cells = cells.repeat(scale, axis=1).repeat(scale, axis=2)
+    return images_lib.make_grid(cells, rows=max(1, -(-len(cells) // pairs_per_row)), pad=4 * scale)
 
 
 def _write_grid(writer, workdir, step, originals, reconstructions):
@@ -364,8 +375,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     # Logging.
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    logging.info("tokenizer %s: %s parameters, %dx downsampling, %d codes of dim %d", config.tokenizer.name,
-                 f"{vq.count_params(cfg):,}", cfg.downsample, cfg.codebook_size, cfg.codebook_dim)
 
     # Mesh: tokenizer replicated, batch split over the batch axes.
     mesh = mesh_lib.create_mesh(dict(config.mesh))
@@ -391,21 +400,20 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     data_iter = iter(loader)
 
     # Model and optimizer.
-    vq_def, disc_def = _graphdefs(cfg, loss_cfg)
+    vq_def, abstract_params, disc_def, disc_abstract = abstract_models(cfg, loss_cfg)
+    logging.info("tokenizer %s: %s parameters, %dx downsampling, %d codes of dim %d", config.tokenizer.name,
+                 f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,}", cfg.downsample, cfg.codebook_size,
+                 cfg.codebook_dim)
     opt = dict(config.optimizer)
     schedule = optim.learning_rate_schedule(opt, t.num_steps, optim.warmup_steps(opt, 1.0))
-    abstract_params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: vq.VQModel(cfg, rngs=nnx.Rngs(0))),
-                                                 nnx.Param))
     tx = optim.make_optimizer(opt, schedule, _no_decay_specs(abstract_params))
     disc_tx = None
     if loss_cfg.disc_weight > 0:
         disc_opt = dict(opt, lr=opt["disc_lr"], schedule="constant", warmup_steps=0)
-        disc_abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: losses_lib.PatchDiscriminator(
-            loss_cfg.disc_channels, loss_cfg.disc_layers, cfg.in_channels, rngs=nnx.Rngs(0))), nnx.Param))
         disc_tx = optim.make_optimizer(disc_opt, optim.learning_rate_schedule(disc_opt, t.num_steps, 0),
                                        _no_decay_specs(disc_abstract))
-    init = _init_fn(cfg, loss_cfg, config.seed, tx, disc_tx)
-    abstract_state = jax.eval_shape(init)
+    abstract_state = jax.eval_shape(functools.partial(state_from_params, tx=tx, disc_tx=disc_tx), abstract_params,
+                                    disc_abstract)
     state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
                                   state_shardings)
@@ -419,7 +427,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         logging.info("resuming from step %d of %s", latest, workdir)
         state = checkpointer.restore(latest, abstract_state, data_iter)
     else:
-        state = jax.jit(init, out_shardings=state_shardings)()
+        state = jax.jit(functools.partial(init_state, cfg, loss_cfg, config.seed, tx, disc_tx),
+                        out_shardings=state_shardings)()
     start = int(jax.device_get(state["step"]))
 
     # The update steps: without and with the adversarial loss (switched on at loss.disc_start).
@@ -487,7 +496,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 writer.flush()
                 return eval_metrics
     checkpointer.close()
-    if not eval_metrics:  # resumed a finished run: report its numbers again
+    if start >= t.num_steps and t.eval_every:  # resumed a finished run: report its numbers again
         eval_metrics, _, _ = evaluate(state["params"], config, cfg, vq_def, mesh,
                                       num_images=config.eval.final_num_images)
     path = export(workdir, nnx.merge(vq_def, state["params"]))
