@@ -25,7 +25,12 @@ def _banner(i: int, name: str, what: str) -> None:
     print(line, flush=True)
 
 
-def _run_phase(workdir: epath.Path, i: int, name: str, what: str, fn: Callable[[], dict], force: bool) -> dict:
+class PhaseIncomplete(RuntimeError):
+    """A phase's job returned before finishing (e.g. it saved and stopped on SIGTERM); nothing is marked done."""
+
+
+def _run_phase(workdir: epath.Path, i: int, name: str, what: str, fn: Callable[[], dict], force: bool,
+               finished: Callable[[dict], bool] = lambda result: True) -> dict:
     marker = workdir / name / "phase.json"
     if marker.exists() and not force:
         result = json.loads(marker.read_text())
@@ -34,6 +39,9 @@ def _run_phase(workdir: epath.Path, i: int, name: str, what: str, fn: Callable[[
     _banner(i, name, what)
     start = time.perf_counter()
     result = dict(fn() or {})
+    if not finished(result):
+        raise PhaseIncomplete(f"demo phase {name!r} stopped before finishing (preempted?); its job saved a "
+                              f"checkpoint: run the same command again to resume.")
     result["seconds"] = time.perf_counter() - start
     (workdir / name).mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(result, indent=2, default=_jsonable))
@@ -108,7 +116,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     results["tokenizer"] = _run_phase(
         root, 1, "tokenizer", f"training the VQ tokenizer ({config.tokenizer.train.num_steps} steps)",
         lambda: _scalars(tokenizer_train.train_and_evaluate(config.tokenizer, os.fspath(dirs["tokenizer"])) or {}),
-        force)
+        force, finished=lambda _: (dirs["tokenizer"] / "tokenizer").exists())  # the export is written last
 
     def extract():
         from par_jax import tokenizer as tokenizer_lib  # noqa: PLC0415
@@ -125,7 +133,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     results["codes"] = _run_phase(root, 2, "codes", "extracting token codes of the training images", extract, force)
     results["par"] = _run_phase(
         root, 3, "par", f"training PAR-{par.model.n}x ({par.train.num_steps} steps)",
-        lambda: _scalars(par_train.train_and_evaluate(par, os.fspath(dirs["par"])) or {}), force)
+        lambda: _scalars(par_train.train_and_evaluate(par, os.fspath(dirs["par"])) or {}), force,
+        finished=lambda r: r.get("step", par.train.num_steps) >= par.train.num_steps)  # {}: finished before
 
     def sample():
         out = sample_cli.run(par, os.fspath(root))  # writes root/samples/<settings>/

@@ -46,9 +46,9 @@ class NonFiniteLossError(FloatingPointError):
 
 # ----- the train step -----
 
-def loss_fn(params, graphdef, tokens, labels, rng):
+def loss_fn(params, graphdef, tokens, labels, rng, batch_sharding=None):
     model = nnx.merge(graphdef, params)
-    loss, _ = model(tokens, labels, rng=rng, return_logits=False)
+    loss, _ = model(tokens, labels, rng=rng, return_logits=False, batch_sharding=batch_sharding)
     return loss
 
 
@@ -58,7 +58,7 @@ def train_step(state: dict, batch: Mapping[str, jax.Array], *, graphdef, tx: opt
     """One optimizer update. Per-step dropout keys: fold_in(dropout_key, step) (then the micro-batch index)."""
     step = state["step"]
     key = jax.random.fold_in(dropout_key, step)
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, batch_sharding=micro_sharding))
     tokens, labels = batch["tokens"], batch["label"]
     if grad_accum_steps == 1:
         loss, grads = grad_fn(state["params"], graphdef, tokens, labels, key)
