@@ -41,8 +41,11 @@ def main(argv):
     from par_jax import distributed  # noqa: PLC0415 (after flags: initialises multi-host JAX before any device use)
     distributed.initialize()
     job = _JOB.value or config.get("job", "train")
-    logging.info("job %s, workdir %s", job, _WORKDIR.value)
-    get_job(job)(config, _WORKDIR.value)
+    workdir = _WORKDIR.value
+    if "://" not in workdir:  # orbax and friends want absolute local paths; a relative --workdir is the cwd's
+        workdir = os.path.abspath(workdir)
+    logging.info("job %s, workdir %s", job, workdir)
+    get_job(job)(config, workdir)
 
 
 if __name__ == "__main__":
