@@ -17,7 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(workdir, *extra):
-    cmd = [sys.executable, "-m", "par_jax.main", "--config=configs/demo.py:quick", f"--workdir={workdir}", *extra]
+    # A relative --workdir, as in the README (main resolves it against the cwd).
+    rel = os.path.relpath(workdir, ROOT)
+    cmd = [sys.executable, "-m", "par_jax.main", "--config=configs/demo.py:quick", f"--workdir={rel}", *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
