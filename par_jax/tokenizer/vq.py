@@ -161,16 +161,18 @@ def flat_uniform(key, shape, dtype=jnp.float32, low=-1.0, high=1.0):
     return jax.random.uniform(key, (int(np.prod(shape)),), dtype, low, high).reshape(shape)
 
 
-def torch_conv_init(key, shape, dtype=jnp.float32):
-    """PyTorch's default conv init (kaiming uniform, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the release
-    trains from it. shape = (kh, kw, in, out)."""
-    bound = 1.0 / np.sqrt(np.prod(shape[:-1]))
-    return flat_uniform(key, shape, dtype, -bound, bound)
+def lecun_normal(key, shape, dtype=jnp.float32):
+    """Flax's default kernel init (truncated normal, variance 1/fan_in), drawn flat. shape = (kh, kw, in, out).
+
+    Not PyTorch's default (uniform, variance 1/(3 fan_in)), which the release starts from: on Fashion-MNIST the
+    smaller start left fewer codes in use (35% against 55% of 512 after 600 steps, one run each)."""
+    std = np.sqrt(1.0 / np.prod(shape[:-1])) / 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2]
+    return (std * jax.random.truncated_normal(key, -2.0, 2.0, (int(np.prod(shape)),), dtype)).reshape(shape)
 
 
 def _conv(cfg: VQConfig, cin: int, cout: int, kernel: int, rngs: nnx.Rngs, *, strides=1, padding="SAME"):
     return nnx.Conv(cin, cout, (kernel, kernel), strides=strides, padding=padding, dtype=jnp.dtype(cfg.dtype),
-                    param_dtype=jnp.float32, kernel_init=torch_conv_init, rngs=rngs)
+                    param_dtype=jnp.float32, kernel_init=lecun_normal, rngs=rngs)
 
 
 def _group_norm(cfg: VQConfig, channels: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
