@@ -6,7 +6,7 @@ Arguments (comma-separated, all optional):
   fmnist         the small tokenizer for Fashion-MNIST (28x28 padded to 32x32 -> 8x8 tokens, 512 codes), L2 and
                  codebook losses only, minutes on a CPU
   res=256        vq16's image resolution
-  runlocal       shrink the same experiment to a smoke run of a minute on one CPU
+  runlocal       shrink the same experiment to a smoke run of a few minutes on one CPU
 
 Launch:
   python -m par_jax.main --config=configs/vq.py:fmnist --workdir=workdirs/tokenizer_fmnist
