@@ -139,6 +139,22 @@ def test_top_k_and_top_p_keep_only_likely_tokens(model4, guided_scorer):
     assert mass_above.max() < 0.5 + 1e-5
 
 
+def test_draw_follows_the_softmax_distribution():
+    """The inverse-CDF draw: frequencies match softmax(logits) (chi-square), -inf entries are never drawn."""
+    from par_jax.sampling.sampler import draw
+    logits = jnp.asarray([2.0, 1.0, 0.0, -np.inf, -1.0, 0.5, -np.inf, 3.0])
+    count = 200_000
+    tokens = np.asarray(draw(jax.random.key(0), jnp.broadcast_to(logits, (count, 8))))
+    freq = np.bincount(tokens, minlength=8)
+    expected = np.asarray(jax.nn.softmax(logits)) * count
+    assert freq[3] == 0 and freq[6] == 0
+    keep = expected > 0
+    chi2 = (((freq - expected) ** 2)[keep] / expected[keep]).sum()
+    assert chi2 < 20.5, (freq, expected)   # 5 degrees of freedom: p = 0.001
+    one_hot = np.asarray(draw(jax.random.key(1), jnp.where(jnp.arange(8) == 5, 0.0, -jnp.inf)[None].repeat(64, 0)))
+    assert (one_hot == 5).all()
+
+
 def test_same_seed_same_tokens_and_in_vocabulary(model4):
     settings = SampleSettings(guidance=1.5, temperature=1.5)
     sampler = Sampler(model4, settings, BATCH)

@@ -18,6 +18,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -30,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from par_jax.model import ParTransformer, model_config
-from par_jax.sampling.sampler import SampleSettings, Sampler, step_widths
+from par_jax.sampling import decode
+from par_jax.sampling.sampler import SampleSettings, Sampler, plan_chunks
 
 # PyTorch release, size B, 24x24, batch 1, guidance 1.5, float32, 2-core CPU (issue 3): seconds per image.
 TORCH_RELEASE_CPU_S = {1: 40.0, 4: 15.7, 16: 7.9}
@@ -71,54 +73,34 @@ def copy_bandwidth(num_bytes: int = 1 << 30, runs: int = 5) -> float:
     return 2 * num_bytes / min(best_np, best_xla)
 
 
-def weight_matrices(model: ParTransformer) -> dict:
-    """The matrices one decoding step reads, as 2D (in, out) views (stacked over layers when scanned)."""
-    cfg = model.config
-    layers = model.layers
-    dt = jnp.dtype(cfg.dtype)
-    L, d, hd = cfg.num_layers, cfg.dim, cfg.num_heads * cfg.head_dim
-    get = lambda p: p[...].astype(dt)
-    if not cfg.scan_layers:
-        stack = lambda f: jnp.stack([f(b) for b in layers])
-        wqkv, wo = stack(lambda b: get(b.attention.wqkv)), stack(lambda b: get(b.attention.wo))
-        w1, w3, w2 = (stack(lambda b, k=k: get(getattr(b.feed_forward, k))) for k in ("w1", "w3", "w2"))
-    else:
-        wqkv, wo = get(layers.attention.wqkv), get(layers.attention.wo)
-        w1, w3, w2 = get(layers.feed_forward.w1), get(layers.feed_forward.w3), get(layers.feed_forward.w2)
-    return {"wqkv": wqkv.reshape(L, d, 3 * hd), "wo": wo.reshape(L, hd, d), "w1": w1, "w3": w3, "w2": w2,
-            "output": get(model.output)}
-
-
 def weight_bytes_per_step(model: ParTransformer) -> int:
-    return sum(int(np.prod(w.shape)) * w.dtype.itemsize for w in weight_matrices(model).values())
+    """Bytes of the weight matrices one decoding step reads (every layer's and the vocabulary head), compute dtype."""
+    cfg = model.config
+    per_layer = cfg.dim * 3 * cfg.dim + cfg.dim * cfg.dim + 3 * cfg.dim * cfg.mlp_hidden
+    return (cfg.num_layers * per_layer + cfg.dim * cfg.vocab_size) * jnp.dtype(cfg.dtype).itemsize
 
 
-def matmul_floor_fn(segments, rows_per_token: int, form: str):
-    """A jitted function running only the weight matmuls of every step (same row counts, same scans)."""
-    def mm(x, w):
-        if form == "xw":
-            return x @ w
-        return jnp.einsum("ok,rk->ro", w.T, x)  # weights read as (out, in)
+def matmul_floor_fn(cfg, chunks, rows_per_token: int):
+    """A jitted function running only the weight matmuls of every step on prepared weights (decode.prepare), at the
+    sampler's row counts and in scans of the same lengths. Every output element is used (q+k+v feeds the output
+    projection, the logits' row means feed the next step), so XLA cannot drop any part of a matmul."""
+    d = cfg.dim
 
     def one_step(h, w):
-        def layer(h, lw):
-            qkv = mm(h, lw["wqkv"])
-            h = h + mm(qkv[:, : h.shape[1]], lw["wo"])
-            h = h + mm(mm(h, lw["w1"]) * mm(h, lw["w3"]), lw["w2"])
-            return h, None
-        stacked = {k: v for k, v in w.items() if k != "output"}
-        h, _ = jax.lax.scan(layer, h, stacked)
-        logits = mm(h, w["output"])
-        return h + logits[:, : h.shape[1]] * 1e-6  # keeps the steps in a chain, as in sampling
+        for p in w["layers"]:
+            qkv = decode._dense(h, p["wqkv"])
+            h = h + decode._dense(qkv[:, :d] + qkv[:, d:2 * d] + qkv[:, 2 * d:], p["wo"])
+            h = h + decode._dense(decode._dense(h, p["w1"]) * decode._dense(h, p["w3"]), p["w2"])
+        return h + jnp.mean(decode._dense(h, w["output"]), axis=-1, keepdims=True) * 1e-6
 
     @jax.jit
     def run(w):
-        out = []
-        for width, count in segments:
-            h = jnp.ones((rows_per_token * width, w["wo"].shape[-1]), w["wo"].dtype) * 1e-3
+        h = jnp.full((rows_per_token, 1, cfg.dim), 1e-3, jnp.dtype(cfg.dtype))
+        for width, count in chunks:  # chained like the sampler's scans (independent scans could overlap)
+            h = jnp.broadcast_to(h[:, :1], (rows_per_token, width, cfg.dim)).reshape(-1, cfg.dim)
             h, _ = jax.lax.scan(lambda h, _: (one_step(h, w), None), h, None, length=count)
-            out.append(h.sum())
-        return sum(out)
+            h = h.reshape(rows_per_token, width, cfg.dim)
+        return h.sum()
     return run
 
 
@@ -129,7 +111,7 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     model.output[...] = jax.random.normal(jax.random.key(1), model.output.shape) * cfg.init_std  # non-trivial head
     settings = SampleSettings(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p)
-    sampler = Sampler(model, settings, batch_size=args.batch)
+    sampler = Sampler(model, settings, batch_size=args.batch, cache_chunks=args.cache_chunks)
     compile_s = sampler.compile()
     labels = np.arange(args.batch, dtype=np.int32) % cfg.num_classes
     key = jax.random.key(0)
@@ -139,14 +121,17 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     per_batch = statistics.median(times)
     steps = cfg.layout.num_steps
 
-    segments = step_widths(cfg.layout)
+    # Scans of the same lengths as the sampler's (step widths x cache chunks), without attention or sampling.
+    chunks = [(c.width, len(c.starts)) for c in plan_chunks(cfg.layout, sampler.plan.cache_chunks)]
     rows_per_token = args.batch * (2 if settings.guided else 1)
-    w = weight_matrices(model)
+    floor_fn = matmul_floor_fn(cfg, chunks, rows_per_token)
     floors = {}
-    for form in args.floor_forms.split(","):
-        fn = matmul_floor_fn(segments, rows_per_token, form)
-        jax.block_until_ready(fn(w))
-        floors[form] = statistics.median(timed(lambda: fn(w), args.runs))
+    for block_cols in sorted({sampler.plan.block_cols, 0}, reverse=True):  # the sampler's blocks, whole matrices
+        weights = sampler.weights if block_cols == sampler.plan.block_cols else decode.prepare_weights(model, block_cols)
+        run = functools.partial(floor_fn, weights)
+        jax.block_until_ready(run())
+        floors[f"block_cols={block_cols}"] = statistics.median(timed(run, args.runs))
+        del weights, run
     matmul_floor = min(floors.values())
     wbytes = weight_bytes_per_step(model)
     bw_floor = steps * wbytes / bandwidth
@@ -161,7 +146,7 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     if ref and args.size == "B" and tuple(cfg.grid_shape) == (24, 24) and args.batch == 1 and jax.devices()[0].platform == "cpu":
         row["torch_release_s_per_image"] = ref
         row["speedup_vs_torch_release"] = ref / per_batch
-    del model, sampler, w
+    del model, sampler
     return row
 
 
@@ -182,9 +167,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--vocab", default=16384, type=int)
     p.add_argument("--num_classes", default=1000, type=int)
+    p.add_argument("--cache_chunks", default=4, type=int, help="Sampler(cache_chunks=...)")
     p.add_argument("--runs", default=3, type=int, help="timed calls after the warm-up (median reported)")
     p.add_argument("--warmup", default=1, type=int)
-    p.add_argument("--floor_forms", default="xw,wt", help="matmul formulations tried for the floor")
     p.add_argument("--json", default="bench_sample.json")
     args = p.parse_args(argv)
     if args.runs < 3:

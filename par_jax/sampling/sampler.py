@@ -28,7 +28,9 @@ import numpy as np
 from flax import nnx
 
 from par_jax import ordering
+from par_jax.model import ModelConfig
 from par_jax.model.transformer import ParTransformer, check_range
+from par_jax.sampling import decode
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
 
@@ -88,105 +90,15 @@ class _Plan(NamedTuple):
     top_k: int
     use_top_p: bool
     teacher_forced: bool  # feed given tokens and return logits (the parity check) instead of sampling
+    cache_chunks: int     # scans per step width, each attending over a cache just long enough for its steps
+    block_cols: int       # column-block width of the weight matrices (decode.py); 0 = whole matrices
 
 
-# ----- one decoding step -----
-
-def _embed(model: ParTransformer, kind, index, tokens, labels):
-    """Input embeddings (rows, Q, dim) for positions whose kinds/indices (Q,) are traced (they change per step)."""
-    cfg = model.config
-    h = jnp.take(model.tok_embeddings[...], tokens, axis=0)
-    cls = jnp.take(model.cls_embedding[...], labels, axis=0)[:, None, :]
-    h = jnp.where((kind == ordering.TOKEN)[None, :, None], h, cls)
-    if cfg.num_transition:
-        tr = jnp.take(model.transition[...], jnp.clip(index, 0, cfg.num_transition - 1), axis=0)
-        h = jnp.where((kind == ordering.TRANSITION)[None, :, None], tr[None], h)
-    return h.astype(jnp.dtype(cfg.dtype))
-
-
-def _guidance_scale(step, num_steps: int, guidance, stop_step, schedule: str):
-    if schedule == "linear":
-        scale = 1.0 + (guidance - 1.0) * step / max(num_steps - 1, 1)
-    else:
-        scale = guidance
-    return jnp.where((stop_step >= 0) & (step >= stop_step), 1.0, scale)
-
-
-def _choose(logits, key, temperature, top_p, plan: _Plan):
-    """Tokens (B, Q) from float32 logits (B, Q, V), each token drawn independently."""
-    if plan.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if not (plan.top_k or plan.use_top_p):
-        return jax.random.categorical(key, logits).astype(jnp.int32)
-    # Candidates sorted by probability (top-k, or the whole vocabulary for top-p alone), then the nucleus cut.
-    values, indices = jax.lax.top_k(logits, plan.top_k or logits.shape[-1])
-    if plan.use_top_p:
-        probs = jax.nn.softmax(values, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        values = jnp.where(mass_before < top_p, values, -jnp.inf)  # the most likely token is always kept
-    choice = jax.random.categorical(key, values)
-    return jnp.take_along_axis(indices, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
-
-
-def _decode(model: ParTransformer, labels, key, guidance, stop_step, temperature, top_p, cache, forced,
-            plan: _Plan):
-    """Generate (or, teacher-forced, score) one batch. Returns (tokens (B, N) generation order, logits or None, cache).
-
-    forced: (B, N) tokens in generation order fed instead of samples when plan.teacher_forced (else ignored).
-    """
-    cfg = model.config
-    layout = cfg.layout
-    n_tok = cfg.num_tokens
-    bounds = layout.step_bounds()
-    num_steps = len(bounds)
-    batch = plan.batch
-    # Tables computed once; every step slices its rows.
-    kinds = jnp.asarray(layout.input_kind)
-    indices = jnp.asarray(layout.input_index)
-    cos, sin = (jnp.asarray(t) for t in model.rope())
-    mask = jnp.asarray(layout.attention_mask()[:, : cache_length(cache)])
-    if plan.guided:
-        rows_labels = jnp.stack([labels, jnp.full_like(labels, cfg.null_class)], axis=1).reshape(2 * batch)
-    else:
-        rows_labels = labels
-
-    def step(carry, xs, width: int):
-        cache, gen = carry
-        start, s = xs
-        kind = jax.lax.dynamic_slice_in_dim(kinds, start, width)
-        index = jax.lax.dynamic_slice_in_dim(indices, start, width)
-        fed = jnp.take(gen, jnp.clip(index, 0, n_tok - 1), axis=1)  # token ids at TOKEN positions
-        if plan.guided:
-            fed = jnp.repeat(fed, 2, axis=0)
-        h = _embed(model, kind, index, fed, rows_labels)
-        h, cache = model.transform(h, jax.lax.dynamic_slice_in_dim(cos, start, width),
-                                   jax.lax.dynamic_slice_in_dim(sin, start, width),
-                                   jax.lax.dynamic_slice_in_dim(mask, start, width), cache=cache, index=start)
-        logits = model.head(h)                                  # (rows, width, V) float32
-        if plan.guided:
-            pair = logits.reshape(batch, 2, width, -1)
-            scale = _guidance_scale(s, num_steps, guidance, stop_step, plan.schedule)
-            logits = pair[:, 1] + scale * (pair[:, 0] - pair[:, 1])
-        if plan.teacher_forced:
-            new = jax.lax.dynamic_slice_in_dim(forced, start, width, axis=1)
-        else:
-            new = _choose(logits, jax.random.fold_in(key, s), temperature, top_p, plan)
-        # Position p predicts t_p: this step's outputs are t_start .. t_{start+width-1}.
-        gen = jax.lax.dynamic_update_slice_in_dim(gen, new, start, axis=1)
-        return (cache, gen), (logits if plan.teacher_forced else None)
-
-    gen = jnp.zeros((batch, n_tok), jnp.int32)
-    carry = (cache, gen)
-    all_logits = []
-    for width, starts, steps in _segments(bounds):
-        xs = (jnp.asarray(starts, jnp.int32), jnp.asarray(steps, jnp.int32))
-        carry, ys = jax.lax.scan(functools.partial(step, width=width), carry, xs)
-        if plan.teacher_forced:
-            all_logits.append(jnp.moveaxis(ys, 0, 1).reshape(batch, len(starts) * width, -1))
-    cache, gen = carry
-    logits = jnp.concatenate(all_logits, axis=1)[:, :n_tok] if plan.teacher_forced else None
-    return gen, logits, cache
+class _Chunk(NamedTuple):
+    width: int              # sequence positions fed per step
+    starts: tuple           # first position fed by each step
+    steps: tuple            # step indices
+    cache_len: int          # KV cache length while these steps run (>= every end position)
 
 
 def _segments(bounds):
@@ -203,22 +115,136 @@ def _segments(bounds):
 
 
 def step_widths(layout: ordering.SequenceLayout) -> list[tuple[int, int]]:
-    """[(width, number of consecutive steps of that width)]: one `lax.scan` each (n=4 PAR: [(1, 4), (4, 143)])."""
+    """[(width, number of consecutive steps of that width)]: one run each (n=4 PAR: [(1, 4), (4, 143)])."""
     return [(width, len(starts)) for width, starts, _ in _segments(layout.step_bounds())]
 
 
-def cache_length(cache) -> int:
-    return (cache["k"] if isinstance(cache, dict) else cache[0]["k"]).shape[-3]
+def plan_chunks(layout: ordering.SequenceLayout, cache_chunks: int, quantum: int = 32) -> list[_Chunk]:
+    """Split each run of equal-width steps into scans with a growing KV-cache length.
+
+    Attention reads the whole cache it is given (static shapes), so a cache only as long as the chunk's last step
+    needs halves the attention bytes on average. A run spanning a fraction f of the sequence gets about
+    f * cache_chunks chunks (at least one): PAR's short sequential prefix attends over a tiny cache.
+    """
+    seq_len = layout.seq_len
+    chunks = []
+    for width, starts, steps in _segments(layout.step_bounds()):
+        span = starts[-1] + width - starts[0]
+        parts = int(np.clip(round(cache_chunks * span / seq_len), 1, len(starts)))
+        for idx in np.array_split(np.arange(len(starts)), parts):
+            end = starts[idx[-1]] + width
+            cache_len = min(seq_len, -(-end // quantum) * quantum)
+            chunks.append(_Chunk(width, tuple(starts[i] for i in idx), tuple(steps[i] for i in idx), cache_len))
+    return chunks
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan"), donate_argnames=("cache",))
-def _decode_jit(graphdef, state, labels, key, guidance, stop_step, temperature, top_p, cache, forced, *, plan):
-    model = nnx.merge(graphdef, state)
-    gen, logits, cache = _decode(model, labels, key, guidance, stop_step, temperature, top_p, cache, forced, plan)
-    tokens = jnp.take(gen, jnp.asarray(model.config.layout.inverse), axis=1)  # back to raster order
-    if logits is not None:
-        logits = jnp.take(logits, jnp.asarray(model.config.layout.inverse), axis=1)
-    return tokens, logits, cache
+# ----- one decoding step -----
+
+def _guidance_scale(step, num_steps: int, guidance, stop_step, schedule: str):
+    if schedule == "linear":
+        scale = 1.0 + (guidance - 1.0) * step / max(num_steps - 1, 1)
+    else:
+        scale = guidance
+    return jnp.where((stop_step >= 0) & (step >= stop_step), 1.0, scale)
+
+
+def draw(key, logits):
+    """One index per row of float32 logits (..., V), drawn with probability softmax(logits): inverse CDF.
+
+    One uniform number per token instead of `jax.random.categorical`'s V Gumbel numbers: the same distribution, and
+    on CPU 3x cheaper for 16 tokens of a 16k vocabulary (random bits dominate otherwise). Entries at -inf are never
+    drawn: the first index whose cumulative mass reaches u always carries mass.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
+    return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
+
+
+def _choose(logits, key, temperature, top_p, plan: _Plan):
+    """Tokens (B, Q) from float32 logits (B, Q, V), each token drawn independently."""
+    if plan.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if not (plan.top_k or plan.use_top_p):
+        return draw(key, logits)
+    # Candidates sorted by probability (top-k, or the whole vocabulary for top-p alone), then the nucleus cut.
+    values, indices = jax.lax.top_k(logits, plan.top_k or logits.shape[-1])
+    if plan.use_top_p:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        values = jnp.where(mass_before < top_p, values, -jnp.inf)  # the most likely token is always kept
+    choice = draw(key, values)
+    return jnp.take_along_axis(indices, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+
+def _decode(cfg: ModelConfig, weights, labels, key, guidance, stop_step, temperature, top_p, forced, plan: _Plan):
+    """Generate (or, teacher-forced, score) one batch. Returns (tokens (B, N) in generation order, logits or None).
+
+    weights: decode.prepare(model). forced: (B, N) tokens in generation order fed instead of samples when
+    plan.teacher_forced (else ignored).
+    """
+    layout = cfg.layout
+    n_tok = cfg.num_tokens
+    num_steps = layout.num_steps
+    batch = plan.batch
+    # Tables computed once; every step slices its rows.
+    kinds = jnp.asarray(layout.input_kind)
+    indices = jnp.asarray(layout.input_index)
+    cos, sin = (jnp.asarray(t) for t in decode.rope_tables(cfg))
+    mask = jnp.asarray(layout.attention_mask())
+    if plan.guided:  # (label, null) pairs next to each other, so a batch sharded over devices keeps pairs together
+        rows_labels = jnp.stack([labels, jnp.full_like(labels, cfg.null_class)], axis=1).reshape(2 * batch)
+    else:
+        rows_labels = labels
+
+    def step(carry, xs, width: int, cache_len: int):
+        cache, gen = carry
+        start, s = xs
+        kind = jax.lax.dynamic_slice_in_dim(kinds, start, width)
+        index = jax.lax.dynamic_slice_in_dim(indices, start, width)
+        fed = jnp.take(gen, jnp.clip(index, 0, n_tok - 1), axis=1)  # token ids at TOKEN positions
+        if plan.guided:
+            fed = jnp.repeat(fed, 2, axis=0)
+        h = decode.embed(cfg, weights, kind, index, fed, rows_labels)
+        h, cache = decode.layers(cfg, weights, h, jax.lax.dynamic_slice_in_dim(cos, start, width),
+                                 jax.lax.dynamic_slice_in_dim(sin, start, width),
+                                 jax.lax.dynamic_slice(mask, (start, 0), (width, cache_len)), cache, start)
+        logits = decode.head(cfg, weights, h)                   # (rows, width, V) float32
+        if plan.guided:
+            pair = logits.reshape(batch, 2, width, -1)
+            scale = _guidance_scale(s, num_steps, guidance, stop_step, plan.schedule)
+            logits = pair[:, 1] + scale * (pair[:, 0] - pair[:, 1])
+        if plan.teacher_forced:
+            new = jax.lax.dynamic_slice_in_dim(forced, start, width, axis=1)
+        else:
+            new = _choose(logits, jax.random.fold_in(key, s), temperature, top_p, plan)
+        # Position p predicts t_p: this step's outputs are t_start .. t_{start+width-1}.
+        gen = jax.lax.dynamic_update_slice_in_dim(gen, new, start, axis=1)
+        return (cache, gen), (logits if plan.teacher_forced else None)
+
+    chunks = plan_chunks(layout, plan.cache_chunks)
+    rows = batch * (2 if plan.guided else 1)
+    cache = decode.init_cache(cfg, rows, chunks[0].cache_len)
+    gen = jnp.zeros((batch, n_tok), jnp.int32)
+    all_logits = []
+    for chunk in chunks:
+        cache = decode.grow_cache(cache, chunk.cache_len)
+        xs = (jnp.asarray(chunk.starts, jnp.int32), jnp.asarray(chunk.steps, jnp.int32))
+        body = functools.partial(step, width=chunk.width, cache_len=chunk.cache_len)
+        (cache, gen), ys = jax.lax.scan(body, (cache, gen), xs)
+        if plan.teacher_forced:
+            all_logits.append(jnp.moveaxis(ys, 0, 1).reshape(batch, len(chunk.starts) * chunk.width, -1))
+    logits = jnp.concatenate(all_logits, axis=1)[:, :n_tok] if plan.teacher_forced else None
+    return gen, logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "plan"))
+def _decode_jit(weights, labels, key, guidance, stop_step, temperature, top_p, forced, *, cfg, plan):
+    gen, logits = _decode(cfg, weights, labels, key, guidance, stop_step, temperature, top_p, forced, plan)
+    inverse = jnp.asarray(cfg.layout.inverse)  # back to raster order
+    return jnp.take(gen, inverse, axis=1), (None if logits is None else jnp.take(logits, inverse, axis=1))
+
 
 
 # ----- public API -----
@@ -226,22 +252,23 @@ def _decode_jit(graphdef, state, labels, key, guidance, stop_step, temperature, 
 class Sampler:
     """A compiled sampler for one model, batch size and settings; reuse it to draw many batches.
 
-    The KV cache is allocated once and donated to every call, which returns it (so repeated calls reuse its memory
-    instead of allocating a new one). With several local devices the batch is sharded over them.
+    With several local devices the batch is sharded over them (parameters replicated). `cache_chunks` trades compile
+    time for attention bytes (see `plan_chunks`).
     """
 
     def __init__(self, model: ParTransformer, settings: SampleSettings = SampleSettings(), batch_size: int = 1,
-                 *, teacher_forced: bool = False):
+                 *, teacher_forced: bool = False, cache_chunks: int = 4, block_cols: Optional[int] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if cache_chunks < 1:
+            raise ValueError(f"cache_chunks must be >= 1, got {cache_chunks}.")
         self.model = model
         self.config = model.config
         self.settings = settings
         self.plan = _Plan(batch=batch_size, guided=settings.guided, schedule=settings.guidance_schedule,
                           greedy=settings.temperature == 0, top_k=min(int(settings.top_k), self.config.vocab_size),
-                          use_top_p=settings.top_p < 1.0, teacher_forced=teacher_forced)
-        self.graphdef, self.state = nnx.split(model)
-        self.rows = batch_size * (2 if settings.guided else 1)
+                          use_top_p=settings.top_p < 1.0, teacher_forced=teacher_forced, cache_chunks=cache_chunks,
+                          block_cols=decode.default_block_cols() if block_cols is None else int(block_cols))
         devices = jax.local_devices()
         self.mesh = None
         if len(devices) > 1:
@@ -250,9 +277,9 @@ class Sampler:
                                  f"(the batch is sharded over them).")
             self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                                       devices=devices)
-            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            self.state = jax.device_put(self.state, replicated)
-        self._cache = None
+        replicated = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        # The weights as decoding reads them, prepared once (about one more copy of the matrices in compute dtype).
+        self.weights = decode.prepare_weights(model, self.plan.block_cols, replicated)
         self._compiled = None
 
     def _batch_sharded(self, x):
@@ -260,13 +287,10 @@ class Sampler:
             return jnp.asarray(x)
         return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data")))
 
-    def _new_cache(self):
-        cache = self.model.init_cache(self.rows)
-        if self.mesh is not None:
-            # (layers?, rows, S, heads, head_dim): rows sharded like the batch.
-            spec = jax.sharding.PartitionSpec(*((None,) * (cache_ndim_before_rows(cache)) + ("data",)))
-            cache = jax.device_put(cache, jax.sharding.NamedSharding(self.mesh, spec))
-        return cache
+    def _args(self, labels, key, forced):
+        s = self.settings
+        return (self.weights, labels, key, jnp.float32(s.guidance), jnp.int32(s.guidance_stop_step),
+                jnp.float32(max(s.temperature, 1e-6)), jnp.float32(s.top_p), forced)
 
     def _run(self, labels, key, forced):
         cfg = self.config
@@ -279,34 +303,27 @@ class Sampler:
         if isinstance(key, int):
             key = jax.random.key(key)
         args = self._args(self._batch_sharded(labels.astype(np.int32)), key, forced)
-        self._cache = None  # donated: the call consumes it and returns the buffer for the next call
         if self._compiled is not None:
-            tokens, logits, self._cache = self._compiled(*args)
-        else:
-            tokens, logits, self._cache = _decode_jit(self.graphdef, *args, plan=self.plan)
-        return tokens, logits
-
-    def _args(self, labels, key, forced):
-        s = self.settings
-        cache = self._cache if self._cache is not None else self._new_cache()
-        return (self.state, labels, key, jnp.float32(s.guidance), jnp.int32(s.guidance_stop_step),
-                jnp.float32(max(s.temperature, 1e-6)), jnp.float32(s.top_p), cache, forced)
+            return self._compiled(*args)
+        return _decode_jit(*args, cfg=self.config, plan=self.plan)
 
     def compile(self) -> float:
         """Compile ahead of time (later calls run the compiled program); returns the seconds it took."""
         start = time.perf_counter()
         labels = self._batch_sharded(np.zeros((self.plan.batch,), np.int32))
-        forced_shape = (self.plan.batch, self.config.num_tokens if self.plan.teacher_forced else 1)
-        args = self._args(labels, jax.random.key(0), self._batch_sharded(np.zeros(forced_shape, np.int32)))
-        self._cache = args[-2]
-        self._compiled = _decode_jit.lower(self.graphdef, *args, plan=self.plan).compile()
+        args = self._args(labels, jax.random.key(0), self._batch_sharded(np.zeros(self._forced_shape, np.int32)))
+        self._compiled = _decode_jit.lower(*args, cfg=self.config, plan=self.plan).compile()
         return time.perf_counter() - start
+
+    @property
+    def _forced_shape(self):
+        return (self.plan.batch, self.config.num_tokens if self.plan.teacher_forced else 1)
 
     def __call__(self, labels, key) -> jax.Array:
         """Tokens int32 (B, N) in raster order for class ids `labels` (B,); `key` a PRNG key or an int seed."""
         if self.plan.teacher_forced:
             raise ValueError("this Sampler was built with teacher_forced=True; call .score(tokens, labels).")
-        tokens, _ = self._run(labels, key, self._batch_sharded(np.zeros((self.plan.batch, 1), np.int32)))
+        tokens, _ = self._run(labels, key, self._batch_sharded(np.zeros(self._forced_shape, np.int32)))
         return tokens
 
     def score(self, tokens, labels) -> jax.Array:
@@ -325,11 +342,6 @@ class Sampler:
         forced = np.take(tokens.astype(np.int32), cfg.layout.perm, axis=1)
         _, logits = self._run(labels, jax.random.key(0), self._batch_sharded(forced))
         return logits
-
-
-def cache_ndim_before_rows(cache) -> int:
-    leaf = cache["k"] if isinstance(cache, dict) else cache[0]["k"]
-    return leaf.ndim - 4
 
 
 def sample(model: ParTransformer, labels, key, settings: SampleSettings = SampleSettings()) -> jax.Array:
