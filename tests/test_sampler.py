@@ -159,7 +159,7 @@ def test_same_seed_same_tokens_and_in_vocabulary(model4):
     settings = SampleSettings(guidance=1.5, temperature=1.5)
     sampler = Sampler(model4, settings, BATCH)
     a = np.asarray(sampler(LABELS, jax.random.key(7)))
-    b = np.asarray(sampler(LABELS, jax.random.key(7)))   # the reused (donated) cache must not leak into results
+    b = np.asarray(sampler(LABELS, jax.random.key(7)))   # a second call of the compiled program: no state leaks
     c = np.asarray(sample(model4, LABELS, jax.random.key(7), settings))
     d = np.asarray(sampler(LABELS, jax.random.key(8)))
     np.testing.assert_array_equal(a, b)
