@@ -256,3 +256,17 @@ def test_batch_sharded_over_eight_devices(model4):
     labels = np.arange(8, dtype=np.int32) % 10
     want = sample(model4, labels, jax.random.key(3), SampleSettings(guidance=1.5, temperature=0.0))
     np.testing.assert_array_equal(np.asarray(out["tokens"]), np.asarray(want))
+
+
+def test_sample_folder_names_every_setting_that_changes_samples():
+    from configs import common
+    sc = common.par_config("size=tiny,n=4,runlocal").sample
+    cfg = model_config("tiny", n=4, grid_shape=(8, 8))
+    base = cli._run_name(sc, cfg)
+    names = {base}
+    for field, value in [("guidance", 3.0), ("temperature", 0.5), ("seed", 1), ("top_k", 5), ("top_p", 0.9),
+                         ("guidance_schedule", "linear"), ("guidance_stop_step", 10)]:
+        changed = sc.copy_and_resolve_references()
+        changed[field] = value
+        names.add(cli._run_name(changed, cfg))
+    assert len(names) == 8, names

@@ -142,4 +142,8 @@ def _run_name(sc, cfg) -> str:
         name += f"_k{sc.top_k}"
     if sc.top_p < 1:
         name += f"_p{sc.top_p:g}"
+    if sc.guidance_schedule != "constant":   # settings that change the samples change the folder
+        name += f"_{sc.guidance_schedule}"
+    if sc.guidance_stop_step >= 0:
+        name += f"_stop{sc.guidance_stop_step}"
     return name
