@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -30,25 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from par_jax.bench.common import loadavg, machine
 from par_jax.model import ParTransformer, model_config
 from par_jax.sampling import decode
 from par_jax.sampling.sampler import SampleSettings, Sampler, plan_chunks
 
 # PyTorch release, size B, 24x24, batch 1, guidance 1.5, float32, 2-core CPU (issue 3): seconds per image.
 TORCH_RELEASE_CPU_S = {1: 40.0, 4: 15.7, 16: 7.9}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def timed(fn, runs: int) -> list[float]:
@@ -186,7 +172,7 @@ def main(argv=None):
         r = rows[-1]
         print(f"  n={n}: {r['s_per_batch']:.2f} s/batch (runs {', '.join(f'{t:.2f}' for t in r['s_per_batch_runs'])})",
               flush=True)
-    info["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    info["loadavg_end"] = loadavg()
 
     head = (f"{'n':>3} {'steps':>5} {'compile s':>9} {'s/batch':>8} {'ms/step':>8} {'img/s':>7} {'matmul floor':>12} "
             f"{'x floor':>7} {'bw floor':>8} {'x bw':>5} {'torch s':>7} {'speedup':>7}")

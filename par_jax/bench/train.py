@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -24,20 +22,8 @@ import jax
 import numpy as np
 
 from configs import common
+from par_jax.bench.common import machine
 from par_jax.training import flops, mesh as mesh_lib, optim, train
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    dev = jax.devices()[0]
-    return {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def bench_size(size: str, batch: int, args, probe: flops.MatmulProbe | None) -> dict:

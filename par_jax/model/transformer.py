@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from par_jax import ordering
 from par_jax.model import rope as rope_lib
 from par_jax.model.config import ModelConfig
+from par_jax.utils import rng as rng_lib
 
 KVCache = dict  # {"k": (..., B, S, heads, head_dim), "v": same, compute dtype}; a leading layer axis when scanned
 
@@ -31,16 +32,6 @@ def _param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
     # Logical axis names only (no eager sharding): training maps them onto the mesh with its own rules.
     return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names, eager_sharding=False)
 
-
-def _dropout(x, rate: float, rng):
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def _split(rng, num: int):
-    return [None] * num if rng is None else list(jax.random.split(rng, num))
 
 
 class RMSNorm(nnx.Module):
@@ -81,11 +72,11 @@ class Attention(nnx.Module):
         scores = scores * (1.0 / np.sqrt(self.head_dim))
         scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        r_attn, r_resid = _split(rng, 2)
-        probs = _dropout(probs, self.attn_dropout, r_attn).astype(dt)
+        r_attn, r_resid = rng_lib.split(rng, 2)
+        probs = rng_lib.dropout(probs, self.attn_dropout, r_attn).astype(dt)
         out = jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt))
         out = jnp.einsum("bqhk,hkd->bqd", out, self.wo[...].astype(dt))
-        return _dropout(out, self.resid_dropout, r_resid), cache
+        return rng_lib.dropout(out, self.resid_dropout, r_resid), cache
 
 
 def _write_cache(cache: KVCache, k, v, index, layer):
@@ -115,7 +106,7 @@ class FeedForward(nnx.Module):
         x = x.astype(dt)
         gate = jax.nn.silu(x @ self.w1[...].astype(dt))
         up = x @ self.w3[...].astype(dt)
-        return _dropout((gate * up) @ self.w2[...].astype(dt), self.dropout, rng)
+        return rng_lib.dropout((gate * up) @ self.w2[...].astype(dt), self.dropout, rng)
 
 
 class Block(nnx.Module):
@@ -126,7 +117,7 @@ class Block(nnx.Module):
         self.feed_forward = FeedForward(cfg, rngs=rngs)
 
     def __call__(self, h, cos, sin, mask, *, cache=None, index=None, layer=None, rng=None):
-        r_attn, r_mlp = _split(rng, 2)
+        r_attn, r_mlp = rng_lib.split(rng, 2)
         a, cache = self.attention(self.attention_norm(h), cos, sin, mask, cache=cache, index=index, layer=layer,
                                   rng=r_attn)
         h = h + a
@@ -258,14 +249,14 @@ class ParTransformer(nnx.Module):
         cfg = self.config
         check_inputs(cfg, tokens, labels)
         layout = cfg.layout
-        r_cls, r_emb, r_layers = _split(rng, 3)
+        r_cls, r_emb, r_layers = rng_lib.split(rng, 3)
         if r_cls is not None and cfg.class_dropout > 0:
             drop = jax.random.bernoulli(r_cls, cfg.class_dropout, labels.shape)
             labels = jnp.where(drop, cfg.null_class, labels)
         tokens_gen = jnp.take(tokens, layout.perm, axis=1)            # t_0 .. t_{N-1}
         seq_tokens = jnp.take(tokens_gen, layout.input_index, axis=1)  # meaningful at TOKEN positions only
         h = self.embed(layout.input_kind, layout.input_index, seq_tokens, labels)
-        h = _dropout(h, cfg.embed_dropout, r_emb)
+        h = rng_lib.dropout(h, cfg.embed_dropout, r_emb)
         cos, sin = self.rope()
         h, _ = self.transform(h, jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(_mask(cfg.order)), rng=r_layers,
                               batch_sharding=batch_sharding)

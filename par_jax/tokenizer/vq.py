@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from par_jax.utils import rng as rng_lib
+
 # name -> field overrides of VQConfig (whose defaults are VQ-16).
 CONFIGS: dict[str, dict[str, Any]] = {
     "vq16": {},
@@ -143,17 +145,6 @@ def l2_normalize(x, axis=-1, eps=1e-12):
     return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
-def _dropout(x, rate: float, rng):
-    # Explicit keys (None = deterministic) keep the model a pure function of (params, inputs, key) under jit.
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def _split(rng, num: int):
-    return [None] * num if rng is None else list(jax.random.split(rng, num))
-
 
 def flat_uniform(key, shape, dtype=jnp.float32, low=-1.0, high=1.0):
     # Drawn flat, then reshaped: XLA:CPU compiles multi-dimensional threefry draws very slowly (~20 s for one
@@ -193,7 +184,7 @@ class ResnetBlock(nnx.Module):
 
     def __call__(self, x, rng=None):
         h = self.conv1(swish(self.norm1(x)))
-        h = _dropout(swish(self.norm2(h)), self.dropout, rng)
+        h = rng_lib.dropout(swish(self.norm2(h)), self.dropout, rng)
         h = self.conv2(h)
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
@@ -257,7 +248,7 @@ class ConvBlock(nnx.Module):
         self.upsample = resample(cfg, cout, rngs) if resample is Upsample else None
 
     def __call__(self, x, rng=None):
-        for i, (block, r) in enumerate(zip(self.res, _split(rng, len(self.res)))):
+        for i, (block, r) in enumerate(zip(self.res, rng_lib.split(rng, len(self.res)))):
             x = block(x, r)
             if len(self.attn):
                 x = self.attn[i](x)
@@ -274,7 +265,7 @@ def _middle(cfg: VQConfig, channels: int, rngs: nnx.Rngs) -> nnx.List:
 
 
 def _middle_forward(mid: nnx.List, h, rng):
-    r1, r2 = _split(rng, 2)
+    r1, r2 = rng_lib.split(rng, 2)
     return mid[2](mid[1](mid[0](h, r1)), r2)
 
 
@@ -293,9 +284,9 @@ class Encoder(nnx.Module):
         self.conv_out = _conv(cfg, cin, cfg.z_channels, 3, rngs)
 
     def __call__(self, x, rng=None):
-        r_blocks, r_mid = _split(rng, 2)
+        r_blocks, r_mid = rng_lib.split(rng, 2)
         h = self.conv_in(x)
-        for block, r in zip(self.conv_blocks, _split(r_blocks, len(self.conv_blocks))):
+        for block, r in zip(self.conv_blocks, rng_lib.split(r_blocks, len(self.conv_blocks))):
             h = block(h, r)
         h = _middle_forward(self.mid, h, r_mid)
         return self.conv_out(swish(self.norm_out(h)))
@@ -317,9 +308,9 @@ class Decoder(nnx.Module):
         self.conv_out = _conv(cfg, cin, cfg.in_channels, 3, rngs)
 
     def __call__(self, z, rng=None):
-        r_blocks, r_mid = _split(rng, 2)
+        r_blocks, r_mid = rng_lib.split(rng, 2)
         h = _middle_forward(self.mid, self.conv_in(z), r_mid)
-        for block, r in zip(self.conv_blocks, _split(r_blocks, len(self.conv_blocks))):
+        for block, r in zip(self.conv_blocks, rng_lib.split(r_blocks, len(self.conv_blocks))):
             h = block(h, r)
         return self.conv_out(swish(self.norm_out(h)))
 
@@ -449,7 +440,7 @@ class VQModel(nnx.Module):
 
     def __call__(self, images, rng=None) -> tuple[jax.Array, Quantized]:
         """Training forward: (reconstruction (B, H, W, C) float32, Quantized). A key turns dropout on."""
-        r_enc, r_dec = _split(rng, 2)
+        r_enc, r_dec = rng_lib.split(rng, 2)
         q = self.quantize(self.encode_latent(images, r_enc))
         return self.decode_latent(q.z_q, r_dec), q
 

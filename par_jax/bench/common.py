@@ -1,0 +1,25 @@
+"""What every benchmark records about the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import jax
+
+
+def machine() -> dict:
+    """CPU model and core count, jax backend and version, device count, load average at the start."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__, "loadavg_start": loadavg()}
+
+
+def loadavg() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
