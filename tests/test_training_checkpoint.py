@@ -33,6 +33,14 @@ def test_save_and_load_params_round_trip(tmp_path, model):
     assert bf16.config.dtype == "bfloat16" and _same_params(model, bf16)
 
 
+def test_relative_paths_load(tmp_path, model, monkeypatch):
+    """Orbax rejects relative paths; the loaders resolve them against the working directory."""
+    monkeypatch.chdir(tmp_path)
+    checkpoint.save_params("p", model)
+    assert _same_params(model, checkpoint.load_params("p"))
+    assert _same_params(model, checkpoint.restore_model("p"))
+
+
 def test_load_params_rejects_mismatched_config(tmp_path, model):
     checkpoint.save_params(tmp_path / "p", model)
     with pytest.raises(ValueError, match=r"(?s)n: checkpoint 4 vs requested 16.*cfg=None"):

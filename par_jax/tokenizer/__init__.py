@@ -26,10 +26,11 @@ __all__ = ["CONFIGS", "Quantized", "VQConfig", "VQModel", "count_params", "from_
 RUNTIME_FIELDS = frozenset({"dtype", "dropout", "image_size"})
 
 
-def _checkpoint_dir(path: epath.Path) -> epath.Path:
+def _checkpoint_dir(path) -> epath.Path:
+    from par_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
+    path = ckpt_lib.as_path(path)
     if (path / "model_config").exists():
         return path
-    from par_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
     step_dir = ckpt_lib.latest_step_dir(path)
     if step_dir is None:
         raise FileNotFoundError(f"no tokenizer checkpoint in {path}: expected a directory with params/ and "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging as std_logging
+import os
 import signal
 import threading
 from typing import Any, Iterator, Optional
@@ -88,7 +89,7 @@ def save_params(directory, model: ParTransformer) -> epath.Path:
 
     Works for any NNX model with a dataclass `.config` (the tokenizer uses it too); `load_params` rebuilds
     ParTransformers."""
-    directory = epath.Path(directory)
+    directory = as_path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} already exists; choose a new directory for save_params.")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -98,8 +99,15 @@ def save_params(directory, model: ParTransformer) -> epath.Path:
     return directory
 
 
+def as_path(path) -> epath.Path:
+    """A checkpoint location as orbax wants it: local paths made absolute (a relative path is an error there)."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def read_model_config(directory) -> ModelConfig:
-    path = epath.Path(directory) / "model_config"
+    directory = as_path(directory)
+    path = directory / "model_config"
     if not path.exists():
         raise FileNotFoundError(f"{directory} is not a par_jax checkpoint: it has no model_config item.")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -115,7 +123,7 @@ def load_params(directory, cfg: Optional[ModelConfig] = None, *, item: str = "pa
     ones (dtype, remat, dropouts), e.g. to sample in bfloat16 from float32 training. item: "params" or "ema".
     shardings: optional pytree of shardings matching the params (default: the first local device).
     """
-    directory = epath.Path(directory)
+    directory = as_path(directory)
     saved = read_model_config(directory)
     if cfg is None:
         cfg = saved
@@ -136,7 +144,7 @@ def load_params(directory, cfg: Optional[ModelConfig] = None, *, item: str = "pa
 
 def latest_step_dir(path) -> Optional[epath.Path]:
     """The newest finished step directory of a training run's checkpoints (`path` = workdir or its checkpoints/)."""
-    path = epath.Path(path)
+    path = as_path(path)
     root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).exists() else path
     if not root.exists():
         return None
@@ -147,7 +155,7 @@ def latest_step_dir(path) -> Optional[epath.Path]:
 def restore_model(workdir_or_path, cfg: Optional[ModelConfig] = None, *, shardings: Any = None,
                   prefer_ema: bool = True) -> ParTransformer:
     """A model from a training workdir (its latest step; EMA parameters when saved) or a checkpoint directory."""
-    path = epath.Path(workdir_or_path)
+    path = as_path(workdir_or_path)
     step_dir = path if (path / "model_config").exists() else latest_step_dir(path)
     if step_dir is None:
         raise FileNotFoundError(f"no par_jax checkpoint in {path}: expected a directory with params/ and "
