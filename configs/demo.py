@@ -1,4 +1,4 @@
-r"""The newcomer's demo: PAR end to end on Fashion-MNIST, on one 2-core CPU, in about 20 minutes.
+r"""The newcomer's demo: PAR end to end on Fashion-MNIST, on one 2-core CPU, in about 16 minutes (docs/demo.md).
 
 Phases (each resumes or is reused when re-run): train the small VQ tokenizer -> extract codes of 12k training
 images (config.demo.max_images; 0 = all 60k) -> train a small PAR-4x decoder on them -> sample a grid with a row per class -> evaluate (FID / IS /
@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
     config.seed = 0
     config.demo = ml_collections.ConfigDict(dict(
         max_images=12_000,     # training images that get codes (0: all 60k); the first ones, ~1200 per class
-        classifier_steps=400,  # the evaluation classifier (trained once, reused)
+        classifier_steps=800,  # the evaluation classifier (trained once, reused)
         force=False,           # re-run phases that finished before
     ))
 
@@ -46,9 +46,9 @@ def get_config(arg: str = ""):
                     views="pad", flip_views=False, extract_batch_size=256, records_per_shard=20_000,
                     extract_workers=2, read_threads=2, prefetch=4)
     par.optimizer.update(lr=2e-3, warmup_steps=50, schedule="cosine", weight_decay=0.05)
-    par.train.update(batch_size=64, num_steps=600, log_every_steps=25, checkpoint_every_steps=200,
+    par.train.update(batch_size=64, num_steps=900, log_every_steps=25, checkpoint_every_steps=200,
                      sample_every_steps=200, sample_num_images=20)
-    par.sample.update(num_images=100, batch_size=100, labels=",".join(str(c) for c in range(10)), guidance=2.0)
+    par.sample.update(num_images=100, batch_size=100, labels=",".join(str(c) for c in range(10)), guidance=3.0)
     par.eval.update(num_samples=300, batch_size=150, labels="balanced", resolution=0,
                     feature_network="fmnist_classifier", reference="fashion_mnist", reference_split="test",
                     reference_count=0, metrics="fid,is,precision_recall,class_consistency", fid_min_samples=0,
