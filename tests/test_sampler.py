@@ -241,7 +241,18 @@ from par_jax.sampling import sample, SampleSettings
 assert jax.device_count() == 8
 labels = np.arange(8, dtype=np.int32) % 10
 tokens = sample(tiny_model(4, (8, 8)), labels, jax.random.key(3), SampleSettings(guidance=1.5, temperature=0.0))
-print(json.dumps({"tokens": np.asarray(tokens).tolist(), "sharding": str(tokens.sharding)}))
+# Sharded tokens decode through a tokenizer that lives on one device, the same as from the host.
+from flax import nnx
+from par_jax.sampling import tokens_to_images
+from par_jax.tokenizer import vq
+tok = vq.VQModel(vq.VQConfig.from_dict({**vq.CONFIGS["fmnist"], "codebook_size": 64, "dtype": "float32"}),
+                 rngs=nnx.Rngs(0))
+images = tokens_to_images(tokens, tok, (8, 8))
+host = tokens_to_images(np.asarray(tokens), tok, (8, 8))
+np.testing.assert_allclose(np.asarray(images), np.asarray(host), atol=1e-5)
+assert images.shape == (8, 32, 32, 3)
+print(json.dumps({"tokens": np.asarray(tokens).tolist(), "sharding": str(tokens.sharding),
+                  "image_sharding": str(images.sharding)}))
 """
 
 
@@ -252,7 +263,7 @@ def test_batch_sharded_over_eight_devices(model4):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "data" in out["sharding"]
+    assert "data" in out["sharding"] and "data" in out["image_sharding"]  # decoded where the tokens are
     labels = np.arange(8, dtype=np.int32) % 10
     want = sample(model4, labels, jax.random.key(3), SampleSettings(guidance=1.5, temperature=0.0))
     np.testing.assert_array_equal(np.asarray(out["tokens"]), np.asarray(want))
