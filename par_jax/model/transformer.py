@@ -12,7 +12,7 @@ logits.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,6 @@ from par_jax.model import rope as rope_lib
 from par_jax.model.config import ModelConfig
 from par_jax.utils import rng as rng_lib
 
-KVCache = dict  # {"k": (..., B, S, heads, head_dim), "v": same, compute dtype}; a leading layer axis when scanned
 
 
 def _param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
@@ -55,19 +54,13 @@ class Attention(nnx.Module):
         self.wqkv = _param(rngs, init, (cfg.dim, 3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "head_dim"))
         self.wo = _param(rngs, init, (cfg.num_heads, cfg.head_dim, cfg.dim), ("heads", "head_dim", "embed"))
 
-    def __call__(self, x, cos, sin, mask, *, cache: Optional[KVCache] = None, index=None, layer=None, rng=None):
-        """x (B, Q, dim); cos/sin (Q, head_dim/2); mask (Q, K) bool.
-
-        Without a cache, K = Q. With a cache, the new keys/values are written at sequence offset `index` (into layer
-        `layer` of a stacked cache) and the queries attend over the whole cache (K = cache length).
-        """
+    def __call__(self, x, cos, sin, mask, *, rng=None):
+        """x (B, L, dim); cos/sin (L, head_dim/2); mask (L, L) bool. (Decoding has its own layout: sampling/decode.py.)"""
         dt = self.dtype
         qkv = jnp.einsum("bqd,dthk->tbqhk", x.astype(dt), self.wqkv[...].astype(dt))
         q = rope_lib.apply_rope(qkv[0], cos, sin)
         k = rope_lib.apply_rope(qkv[1], cos, sin)
         v = qkv[2]
-        if cache is not None:
-            cache, k, v = _write_cache(cache, k, v, index, layer)
         scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
         scores = scores * (1.0 / np.sqrt(self.head_dim))
         scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
@@ -76,18 +69,7 @@ class Attention(nnx.Module):
         probs = rng_lib.dropout(probs, self.attn_dropout, r_attn).astype(dt)
         out = jnp.einsum("bhqs,bshk->bqhk", probs, v.astype(dt))
         out = jnp.einsum("bqhk,hkd->bqd", out, self.wo[...].astype(dt))
-        return rng_lib.dropout(out, self.resid_dropout, r_resid), cache
-
-
-def _write_cache(cache: KVCache, k, v, index, layer):
-    if layer is None:
-        ck = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
-        return {"k": ck, "v": cv}, ck, cv
-    # Stacked cache: write only the new rows of this layer in place, then read this layer's keys/values.
-    ck = jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), (layer, 0, index, 0, 0))
-    cv = jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), (layer, 0, index, 0, 0))
-    return {"k": ck, "v": cv}, ck[layer], cv[layer]
+        return rng_lib.dropout(out, self.resid_dropout, r_resid)
 
 
 class FeedForward(nnx.Module):
@@ -116,13 +98,10 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, rngs=rngs)
         self.feed_forward = FeedForward(cfg, rngs=rngs)
 
-    def __call__(self, h, cos, sin, mask, *, cache=None, index=None, layer=None, rng=None):
+    def __call__(self, h, cos, sin, mask, *, rng=None):
         r_attn, r_mlp = rng_lib.split(rng, 2)
-        a, cache = self.attention(self.attention_norm(h), cos, sin, mask, cache=cache, index=index, layer=layer,
-                                  rng=r_attn)
-        h = h + a
-        h = h + self.feed_forward(self.ffn_norm(h), rng=r_mlp)
-        return h, cache
+        h = h + self.attention(self.attention_norm(h), cos, sin, mask, rng=r_attn)
+        return h + self.feed_forward(self.ffn_norm(h), rng=r_mlp)
 
 
 def _remat_policy(name: str):
@@ -152,7 +131,7 @@ class ParTransformer(nnx.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, rngs=rngs)
         self.output = _param(rngs, nnx.initializers.zeros, (cfg.dim, cfg.vocab_size), ("embed", "vocab"))
 
-    # ----- pieces shared by training and sampling -----
+    # ----- pieces of the forward pass -----
 
     def embed(self, kind: np.ndarray, index: np.ndarray, tokens, labels):
         """Input embeddings (B, Q, dim) for sequence positions described by static arrays `kind`/`index` (Q,).
@@ -171,69 +150,49 @@ class ParTransformer(nnx.Module):
 
     def rope(self) -> tuple[np.ndarray, np.ndarray]:
         """(cos, sin), each (L, head_dim/2), for every position of the sequence layout."""
-        c = self.config
-        return _rope_table(c.order, c.head_dim, c.rope_base, c.zero_rope_special)
+        return rope_table(self.config)
 
-    def transform(self, h, cos, sin, mask, *, cache: Optional[KVCache] = None, index=None, rng=None,
-                  batch_sharding: Optional[jax.sharding.NamedSharding] = None):
-        """Run every decoder layer. Returns (h, cache). With a cache, writes this chunk's keys/values at `index`.
+    def transform(self, h, cos, sin, mask, *, rng=None, batch_sharding: Optional[jax.sharding.NamedSharding] = None):
+        """Run every decoder layer over the whole sequence: h (B, L, dim) -> (B, L, dim).
 
         batch_sharding: the sharding of the (B, ...) batch; activations are kept split the same way along B.
         """
         cfg = self.config
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
 
-        def run_block(graphdef, layer_state, h, cache, i, r):
+        def run_block(graphdef, layer_state, h, r):
             if batch_sharding is not None:
                 # Keep activations split along the batch like the input. Without this, XLA follows the FSDP
                 # parameter sharding and every device holds the whole batch's attention (PAR-XXL on 32 chips:
                 # 2.2 TB of temporaries per device instead of ~90 GB).
                 spec = P(batch_sharding.spec[0], *([None] * (h.ndim - 1)))
                 h = jax.lax.with_sharding_constraint(h, jax.sharding.NamedSharding(batch_sharding.mesh, spec))
-            block = nnx.merge(graphdef, layer_state)
-            return block(h, cos, sin, mask, cache=cache, index=index, layer=i, rng=r)
+            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, rng=r)
 
         if cfg.remat != "none":
             run_block = jax.checkpoint(run_block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers,
                                        static_argnums=(0,))
 
         if not cfg.scan_layers:
-            new_cache = []
             for i, block in enumerate(self.layers):
                 graphdef, layer_state = nnx.split(block)
-                h, c = run_block(graphdef, layer_state, h, None if cache is None else cache[i], None,
-                                 None if layer_rngs is None else layer_rngs[i])
-                new_cache.append(c)
-            return h, (None if cache is None else new_cache)
+                h = run_block(graphdef, layer_state, h, None if layer_rngs is None else layer_rngs[i])
+            return h
 
         graphdef, state = nnx.split(self.layers)
 
-        def body(carry, xs):
-            h, cache = carry
-            layer_state, i, r = xs
-            h, cache = run_block(graphdef, layer_state, h, cache, None if cache is None else i, r)
-            return (h, cache), None
+        def body(h, xs):
+            layer_state, r = xs
+            return run_block(graphdef, layer_state, h, r), None
 
-        xs = (state, jnp.arange(cfg.num_layers), layer_rngs)
-        (h, cache), _ = jax.lax.scan(body, (h, cache), xs)
-        return h, cache
+        h, _ = jax.lax.scan(body, h, (state, layer_rngs))
+        return h
 
     def head(self, h):
         """Final norm and vocabulary head: float32 logits (B, Q, vocab)."""
         dt = jnp.dtype(self.config.dtype)
         logits = self.norm(h).astype(dt) @ self.output[...].astype(dt)
         return logits.astype(jnp.float32)
-
-    def init_cache(self, batch: int, length: Optional[int] = None, dtype=None) -> KVCache | list:
-        """An empty KV cache for `batch` rows and `length` positions (default: the whole sequence)."""
-        cfg = self.config
-        length = cfg.layout.seq_len if length is None else length
-        dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
-        shape = (batch, length, cfg.num_heads, cfg.head_dim)
-        if cfg.scan_layers:
-            shape = (cfg.num_layers,) + shape
-            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
 
     # ----- training forward -----
 
@@ -258,7 +217,7 @@ class ParTransformer(nnx.Module):
         h = self.embed(layout.input_kind, layout.input_index, seq_tokens, labels)
         h = rng_lib.dropout(h, cfg.embed_dropout, r_emb)
         cos, sin = self.rope()
-        h, _ = self.transform(h, jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(_mask(cfg.order)), rng=r_layers,
+        h = self.transform(h, jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(_mask(cfg.order)), rng=r_layers,
                               batch_sharding=batch_sharding)
         logits_gen = self.head(h[:, : cfg.num_tokens])                 # position p predicts t_p
         logp = jax.nn.log_softmax(logits_gen, axis=-1)
@@ -267,6 +226,11 @@ class ParTransformer(nnx.Module):
         if not return_logits:
             return loss, None
         return loss, jnp.take(logits_gen, layout.inverse, axis=1)
+
+
+def rope_table(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin), each (L, head_dim/2), for every position of `cfg`'s sequence layout (training and sampling)."""
+    return _rope_table(cfg.order, cfg.head_dim, cfg.rope_base, cfg.zero_rope_special)
 
 
 @functools.lru_cache(maxsize=32)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Optional
 
 import jax
 import numpy as np

@@ -47,11 +47,6 @@ def _blocks(w, block_cols: int) -> list:
     return jnp.array_split(w, parts, axis=1)
 
 
-def rope_tables(cfg: ModelConfig):
-    """(cos, sin) (L, head_dim/2) for every sequence position, as the model's own `rope()`."""
-    return rope_lib.rope_table(cfg.layout, cfg.head_dim, cfg.rope_base, cfg.zero_rope_special)
-
-
 def prepare(model: ParTransformer, block_cols: int) -> Weights:
     """Decoding weights from the model's parameters (under jit; the sampler keeps them for all its calls).
 

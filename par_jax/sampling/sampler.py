@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from flax import nnx
 
 from par_jax import ordering
 from par_jax.model import ModelConfig
-from par_jax.model.transformer import ParTransformer, check_range
+from par_jax.model.transformer import ParTransformer, check_range, rope_table
 from par_jax.sampling import decode
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
@@ -195,7 +195,7 @@ def _decode(cfg: ModelConfig, weights, labels, key, guidance, stop_step, tempera
     # Tables computed once; every step slices its rows.
     kinds = jnp.asarray(layout.input_kind)
     indices = jnp.asarray(layout.input_index)
-    cos, sin = (jnp.asarray(t) for t in decode.rope_tables(cfg))
+    cos, sin = (jnp.asarray(t) for t in rope_table(cfg))
     mask = jnp.asarray(layout.attention_mask())
     if plan.guided:  # (label, null) pairs next to each other, so a batch sharded over devices keeps pairs together
         rows_labels = jnp.stack([labels, jnp.full_like(labels, cfg.null_class)], axis=1).reshape(2 * batch)
@@ -248,7 +248,6 @@ def _decode_jit(weights, labels, key, guidance, stop_step, temperature, top_p, f
     gen, logits = _decode(cfg, weights, labels, key, guidance, stop_step, temperature, top_p, forced, plan)
     inverse = jnp.asarray(cfg.layout.inverse)  # back to raster order
     return jnp.take(gen, inverse, axis=1), (None if logits is None else jnp.take(logits, inverse, axis=1))
-
 
 
 # ----- public API -----
