@@ -29,6 +29,7 @@ from etils import epath
 from flax import nnx
 
 from par_jax.data import sources
+from par_jax.training import checkpoint
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -169,7 +170,7 @@ def train(settings: TrainSettings = TrainSettings(), *, data: tuple[np.ndarray, 
 
 def save(directory, model: Classifier, metadata: dict[str, Any]) -> epath.Path:
     """Write params + a JSON record (test accuracy, training settings) to `directory`, which must not exist."""
-    directory = epath.Path(directory).absolute()
+    directory = checkpoint.as_path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} already exists; remove it or choose another directory.")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -181,7 +182,7 @@ def save(directory, model: Classifier, metadata: dict[str, Any]) -> epath.Path:
 
 def load(directory) -> tuple[Classifier, dict[str, Any]]:
     """(model in eval mode, metadata) from a directory written by `save`."""
-    directory = epath.Path(directory).absolute()
+    directory = checkpoint.as_path(directory)
     if not (directory / "params").exists():
         raise FileNotFoundError(f"no Fashion-MNIST classifier in {directory}; train one with "
                                 f"`python -m par_jax.evaluation.classifier --out={directory}` or let "

@@ -37,7 +37,6 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from par_jax.data import sources as sources_lib
 from par_jax.data import views as views_lib
@@ -346,7 +345,7 @@ def usage(hist) -> dict[str, float]:
 
 def export(workdir, model: vq.VQModel) -> epath.Path:
     """Params-only copy of the final tokenizer at WORKDIR/tokenizer (replacing an older export)."""
-    directory = epath.Path(workdir) / EXPORT_DIR
+    directory = ckpt_lib.as_path(workdir) / EXPORT_DIR
     if jax.process_index() == 0 and directory.exists():
         directory.rmtree()
     multihost_utils.sync_global_devices("tokenizer export: old copy removed")

@@ -189,7 +189,7 @@ class TrainCheckpointer:
 
     def __init__(self, workdir, *, max_to_keep: int = 3, save_every_steps: int = 1000, asynchronous: bool = True):
         quiet_orbax_logs()
-        self.directory = epath.Path(workdir) / CHECKPOINTS_DIR
+        self.directory = as_path(workdir) / CHECKPOINTS_DIR
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_every_steps, create=True,
             enable_async_checkpointing=asynchronous))

@@ -290,8 +290,7 @@ class SampleGrids:
         labels = np.arange(num, dtype=np.int32) % cfg.num_classes
         settings = sampling.SampleSettings.from_config(self.config.sample)
         key = jax.random.fold_in(jax.random.key(self.config.sample.seed), step)
-        # To host first: the sampler shards its output over the local devices, the tokenizer lives on one.
-        tokens = np.asarray(sampling.sample(model, labels, key, settings))
+        tokens = sampling.sample(model, labels, key, settings)
         pixels = np.asarray(sampling.tokens_to_images(tokens, self._tokenizer, cfg.grid_shape))
         grid = images.make_grid(pixels, rows=max(1, int(math.sqrt(num))))
         if jax.process_index() == 0:
