@@ -23,3 +23,16 @@ def machine() -> dict:
 
 def loadavg() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to other guests so far (Linux /proc/stat, all CPUs), or None elsewhere.
+
+    On a shared VM a run during which this grows was slowed by neighbours; benchmarks record it per timed run.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None

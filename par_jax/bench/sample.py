@@ -7,7 +7,10 @@ images/s, and two floors:
   matmul floor     the same steps' weight matmuls alone (every layer's q|k|v, output, w1, w3, w2 and the vocabulary
                    head, at the same row counts, chained through the same scans), nothing else. The fastest of a few
                    formulations is taken, so the ratio says how far the sampler is from what this machine's matrix
-                   units allow at these shapes.
+                   units allow at these shapes. The sampler and the floor run in alternation (one call each per
+                   round), and "x floor" is the median of the per-round ratios: on a shared VM whose speed drifts by
+                   10-30% over minutes, both sides of every ratio see the same conditions. Hypervisor steal time is
+                   recorded per call (Linux).
   bandwidth floor  the weight bytes read per step over a measured memory-copy bandwidth (the larger of a NumPy copy
                    and an XLA copy of a buffer larger than the caches; bytes read + written per second, as STREAM).
 Weights are random (the head too), so nothing is downloaded. The PyTorch release needs about 40 s (n=1), 15.7 s (n=4)
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from par_jax.bench.common import loadavg, machine
+from par_jax.bench.common import loadavg, machine, steal_seconds
 from par_jax.model import ParTransformer, model_config
 from par_jax.sampling import decode
 from par_jax.sampling.sampler import SampleSettings, Sampler, plan_chunks
@@ -90,6 +93,23 @@ def matmul_floor_fn(cfg, chunks, rows_per_token: int):
     return run
 
 
+def interleaved(fns: dict, runs: int) -> tuple[dict, dict]:
+    """Time every function once per round, `runs` rounds: {name: [seconds]}, {name: [steal seconds]}.
+
+    Interleaving puts the sampler and its floors under the same machine conditions in every round (on a shared VM the
+    speed drifts by 10-30% over minutes), so the per-round ratio is steadier than a ratio of separate medians.
+    """
+    times = {k: [] for k in fns}
+    steal = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            s0 = steal_seconds()
+            times[k] += timed(fn, 1)
+            s1 = steal_seconds()
+            steal[k].append(None if s0 is None else s1 - s0)
+    return times, steal
+
+
 def bench_one(args, n: int, bandwidth: float) -> dict:
     cfg = model_config(args.size, n=n, grid_shape=args.grid, vocab_size=args.vocab, num_classes=args.num_classes,
                        dtype=args.dtype)
@@ -101,32 +121,38 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     compile_s = sampler.compile()
     labels = np.arange(args.batch, dtype=np.int32) % cfg.num_classes
     key = jax.random.key(0)
-    for _ in range(args.warmup):
-        jax.block_until_ready(sampler(labels, key))
-    times = timed(lambda: sampler(labels, key), args.runs)
-    per_batch = statistics.median(times)
     steps = cfg.layout.num_steps
 
     # Scans of the same lengths as the sampler's (step widths x cache chunks), without attention or sampling.
     chunks = [(c.width, len(c.starts)) for c in plan_chunks(cfg.layout, sampler.plan.cache_chunks)]
     rows_per_token = args.batch * (2 if settings.guided else 1)
     floor_fn = matmul_floor_fn(cfg, chunks, rows_per_token)
-    floors = {}
-    forms = {sampler.plan.block_cols} if args.floor_forms == "sampler" else {sampler.plan.block_cols, 0}
-    for block_cols in sorted(forms, reverse=True):  # the sampler's blocks, whole matrices
+    fns = {"sampler": lambda: sampler(labels, key)}
+    forms = {sampler.plan.block_cols}
+    if args.floor_forms == "both":  # whole matrices, and on CPU the column blocks, whichever the sampler chose
+        forms |= {0, decode.CPU_BLOCK_COLS} if jax.devices()[0].platform == "cpu" else {0}
+    for block_cols in sorted(forms, reverse=True):
         weights = sampler.weights if block_cols == sampler.plan.block_cols else decode.prepare_weights(model, block_cols)
-        run = functools.partial(floor_fn, weights)
-        jax.block_until_ready(run())
-        floors[f"block_cols={block_cols}"] = statistics.median(timed(run, args.runs))
-        del weights, run
-    matmul_floor = min(floors.values())
+        fns[f"block_cols={block_cols}"] = functools.partial(floor_fn, weights)
+    for _ in range(args.warmup):
+        for fn in fns.values():
+            jax.block_until_ready(fn())
+    runs, steal = interleaved(fns, args.runs)
+    times = runs.pop("sampler")
+    floor_runs = [min(r) for r in zip(*runs.values())]  # the fastest form in each round
+    per_batch = statistics.median(times)
+    matmul_floor = statistics.median(floor_runs)
+    floors = {k: statistics.median(v) for k, v in runs.items()}
+    del fns
     wbytes = weight_bytes_per_step(model)
     bw_floor = steps * wbytes / bandwidth
     row = {
         "size": args.size, "n": n, "grid": list(cfg.grid_shape), "batch": args.batch, "guidance": args.guidance,
         "dtype": args.dtype, "steps": steps, "compile_s": compile_s, "s_per_batch": per_batch,
         "s_per_batch_runs": times, "ms_per_step": 1e3 * per_batch / steps, "images_per_s": args.batch / per_batch,
-        "matmul_floor_s": matmul_floor, "matmul_floor_by_form_s": floors, "vs_matmul_floor": per_batch / matmul_floor,
+        "matmul_floor_s": matmul_floor, "matmul_floor_runs": floor_runs, "matmul_floor_by_form_s": floors,
+        "vs_matmul_floor": statistics.median([t / f for t, f in zip(times, floor_runs)]),
+        "vs_matmul_floor_of_medians": per_batch / matmul_floor, "steal_s_runs": steal,
         "weight_bytes_per_step": wbytes, "bandwidth_floor_s": bw_floor, "vs_bandwidth_floor": per_batch / bw_floor,
     }
     ref = TORCH_RELEASE_CPU_S.get(n)
@@ -156,8 +182,8 @@ def main(argv=None):
     p.add_argument("--num_classes", default=1000, type=int)
     p.add_argument("--cache_chunks", default=4, type=int, help="Sampler(cache_chunks=...)")
     p.add_argument("--floor_forms", default="both", choices=("both", "sampler"),
-                   help="weight layouts timed for the matmul floor: the sampler's and whole matrices (both), or only "
-                        "the sampler's (halves the floor's time for long throughput runs)")
+                   help="weight layouts timed for the matmul floor: whole matrices and (on CPU) 256-column blocks "
+                        "(both), or only the sampler's own (halves the floor's time for long throughput runs)")
     p.add_argument("--runs", default=3, type=int, help="timed calls after the warm-up (median reported)")
     p.add_argument("--warmup", default=1, type=int)
     p.add_argument("--json", default="bench_sample.json")
@@ -174,8 +200,8 @@ def main(argv=None):
     for n in (int(x) for x in args.n.split(",")):
         rows.append(bench_one(args, n, bandwidth))
         r = rows[-1]
-        print(f"  n={n}: {r['s_per_batch']:.2f} s/batch (runs {', '.join(f'{t:.2f}' for t in r['s_per_batch_runs'])})",
-              flush=True)
+        print(f"  n={n}: {r['s_per_batch']:.2f} s/batch (runs {', '.join(f'{t:.2f}' for t in r['s_per_batch_runs'])}; "
+              f"floor {', '.join(f'{t:.2f}' for t in r['matmul_floor_runs'])})", flush=True)
     info["loadavg_end"] = loadavg()
 
     head = (f"{'n':>3} {'steps':>5} {'compile s':>9} {'s/batch':>8} {'ms/step':>8} {'img/s':>7} {'matmul floor':>12} "
