@@ -74,6 +74,18 @@ def test_ablation_layouts_decode_like_the_forward(overrides):
     np.testing.assert_allclose(np.asarray(got), forward_logits(model, tokens, LABELS), atol=ATOL, rtol=0)
 
 
+def test_column_blocks_decode_like_whole_matrices():
+    # The tiny model's matrices are narrower than the CPU's 256-column blocks, so split them at 32 to exercise it.
+    model = tiny_model(4, (8, 8))
+    tokens = random_tokens(model.config)
+    settings = SampleSettings(guidance=1.5)
+    whole = Sampler(model, settings, BATCH, teacher_forced=True, block_cols=0)
+    blocks = Sampler(model, settings, BATCH, teacher_forced=True, block_cols=32)
+    assert len(blocks.weights["layers"][0]["wqkv"]) == 6 and len(whole.weights["layers"][0]["wqkv"]) == 1
+    np.testing.assert_allclose(np.asarray(blocks.score(tokens, LABELS)), np.asarray(whole.score(tokens, LABELS)),
+                               atol=ATOL, rtol=0)
+
+
 def test_step_structure():
     # Prefill of the class token plus n - 1 single-token steps, then (N - n)/n steps of n tokens.
     assert step_widths(model_config("tiny", n=4, grid_shape=(24, 24)).layout) == [(1, 4), (4, 143)]

@@ -35,9 +35,16 @@ Weights = dict[str, Any]   # see prepare()
 Cache = list               # per layer {"k": (B, heads, head_dim, S), "v": (B, heads, head_dim, S)}
 
 
+CPU_BLOCK_COLS = 256   # fastest of 128/256/512/1024 on XLA:CPU
+
+
 def default_block_cols() -> int:
-    """Column-block width for the current backend: 256 on CPU (fastest of 128/256/512/1024), whole matrices else."""
-    return 256 if jax.default_backend() == "cpu" else 0
+    """Column-block width for the current backend: CPU_BLOCK_COLS on CPU, whole matrices (0) on accelerators.
+
+    Also for 2-row steps (n=1, batch 1, guided), although the weight matmuls alone run faster on whole matrices
+    there: the whole sampler was 4-10% slower with them (paired runs, docs/benchmarks.md).
+    """
+    return CPU_BLOCK_COLS if jax.default_backend() == "cpu" else 0
 
 
 def _blocks(w, block_cols: int) -> list:
