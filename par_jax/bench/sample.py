@@ -129,8 +129,8 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     floor_fn = matmul_floor_fn(cfg, chunks, rows_per_token)
     fns = {"sampler": lambda: sampler(labels, key)}
     forms = {sampler.plan.block_cols}
-    if args.floor_forms == "both":  # whole matrices, and on CPU the column blocks, whichever the sampler chose
-        forms |= {0, decode.CPU_BLOCK_COLS} if jax.devices()[0].platform == "cpu" else {0}
+    if args.floor_forms == "both":  # whole matrices and the backend's default layout, whichever the sampler chose
+        forms |= {0, decode.default_block_cols()}
     for block_cols in sorted(forms, reverse=True):
         weights = sampler.weights if block_cols == sampler.plan.block_cols else decode.prepare_weights(model, block_cols)
         fns[f"block_cols={block_cols}"] = functools.partial(floor_fn, weights)

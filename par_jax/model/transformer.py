@@ -26,7 +26,6 @@ from par_jax.model.config import ModelConfig
 from par_jax.utils import rng as rng_lib
 
 
-
 def _param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
     # Logical axis names only (no eager sharding): training maps them onto the mesh with its own rules.
     return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names, eager_sharding=False)
@@ -218,7 +217,7 @@ class ParTransformer(nnx.Module):
         h = rng_lib.dropout(h, cfg.embed_dropout, r_emb)
         cos, sin = self.rope()
         h = self.transform(h, jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(_mask(cfg.order)), rng=r_layers,
-                              batch_sharding=batch_sharding)
+                           batch_sharding=batch_sharding)
         logits_gen = self.head(h[:, : cfg.num_tokens])                 # position p predicts t_p
         logp = jax.nn.log_softmax(logits_gen, axis=-1)
         nll = -jnp.take_along_axis(logp, tokens_gen[..., None], axis=-1)[..., 0]
