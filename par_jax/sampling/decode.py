@@ -30,6 +30,7 @@ from flax import nnx
 from par_jax import ordering
 from par_jax.model import ModelConfig, ParTransformer
 from par_jax.model import rope as rope_lib
+from par_jax.sampling import cpu_attention
 
 Weights = dict[str, Any]   # see prepare()
 Cache = list               # per layer {"k": (B, heads, head_dim, S), "v": (B, heads, head_dim, S)}
@@ -45,6 +46,40 @@ def default_block_cols() -> int:
     there: the whole sampler was 4-10% slower with them (paired runs, docs/benchmarks.md).
     """
     return CPU_BLOCK_COLS if jax.default_backend() == "cpu" else 0
+
+
+ATTENTION = ("xla", "cpu_kernel")   # how a step attends over the cache: XLA's ops, or cpu_attention.cc
+
+
+def default_attention(dtype, num_devices: int) -> str:
+    """"cpu_kernel" where it applies (CPU backend, float32, one device, kernel built), else "xla".
+
+    The kernel was 2x faster than XLA's attention at 2 to 16 queries per step on a 2-core Xeon
+    (docs/benchmarks.md#sampling); with several devices the batch is sharded by XLA, which cannot split a custom call.
+    """
+    if (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and num_devices == 1
+            and cpu_attention.available()):
+        return "cpu_kernel"
+    return "xla"
+
+
+def check_attention(attention: str, dtype, num_devices: int) -> None:
+    """A clear error for an attention choice that cannot run here."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
+    if attention != "cpu_kernel":
+        return
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"attention='cpu_kernel' runs on the CPU backend only (this is {jax.default_backend()}); "
+                         f"use attention='xla'.")
+    if jnp.dtype(dtype) != jnp.float32:
+        raise ValueError(f"attention='cpu_kernel' takes float32 models, this one computes in {jnp.dtype(dtype)}; "
+                         f"use attention='xla'.")
+    if num_devices != 1:
+        raise ValueError(f"attention='cpu_kernel' needs one device (the batch is sharded over {num_devices}); "
+                         f"use attention='xla'.")
+    if not cpu_attention.available():
+        raise ValueError(f"attention='cpu_kernel' is unavailable: {cpu_attention.unavailable_reason()}")
 
 
 def _blocks(w, block_cols: int) -> list:
@@ -134,11 +169,11 @@ def embed(cfg: ModelConfig, w: Weights, kind, index, tokens, labels):
     return h.astype(jnp.dtype(cfg.dtype))
 
 
-def layers(cfg: ModelConfig, w: Weights, h, cos, sin, mask, cache: Cache, index):
+def layers(cfg: ModelConfig, w: Weights, h, cos, sin, mask, cache: Cache, index, attention: str = "xla"):
     """Every decoder layer for Q new positions starting at sequence position `index`.
 
     h (rows, Q, dim); cos/sin (Q, head_dim/2); mask (Q, S) over the cache's S positions. Writes the new keys and
-    values into the cache at `index` (dynamic_update_slice) and returns (h, cache).
+    values into the cache at `index` (dynamic_update_slice) and returns (h, cache). attention: one of ATTENTION.
     """
     rows, q_len, dim = h.shape
     heads, hd, dt = cfg.num_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
@@ -152,10 +187,13 @@ def layers(cfg: ModelConfig, w: Weights, h, cos, sin, mask, cache: Cache, index)
         ck = jax.lax.dynamic_update_slice(c["k"], to_cache(k), (0, 0, 0, index))
         cv = jax.lax.dynamic_update_slice(c["v"], to_cache(qkv[:, :, 2]), (0, 0, 0, index))
         new_cache.append({"k": ck, "v": cv})
-        scores = jnp.einsum("bqhk,bhks->bhqs", q, ck, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(hd))
-        scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhqs,bhks->bqhk", probs, cv).reshape(rows * q_len, heads * hd)
+        if attention == "cpu_kernel":
+            out = cpu_attention.attend(q.astype(dt), ck, cv, mask).reshape(rows * q_len, heads * hd)
+        else:
+            scores = jnp.einsum("bqhk,bhks->bhqs", q, ck, preferred_element_type=jnp.float32) * (1.0 / np.sqrt(hd))
+            scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = jnp.einsum("bhqs,bhks->bqhk", probs, cv).reshape(rows * q_len, heads * hd)
         h = h + _dense(out, p["wo"]).reshape(rows, q_len, dim)
         x = _rms_norm(h, p["ffn_norm"], cfg.norm_eps).reshape(rows * q_len, dim)
         up = jax.nn.silu(_dense(x, p["w1"])) * _dense(x, p["w3"])

@@ -96,6 +96,7 @@ class _Plan(NamedTuple):
     teacher_forced: bool  # feed given tokens and return logits (the parity check) instead of sampling
     cache_chunks: int     # scans per step width, each attending over a cache just long enough for its steps
     block_cols: int       # column-block width of the weight matrices (decode.py); 0 = whole matrices
+    attention: str        # decode.ATTENTION: XLA's ops or the CPU kernel
 
 
 class _Chunk(NamedTuple):
@@ -213,7 +214,8 @@ def _decode(cfg: ModelConfig, weights, labels, key, guidance, stop_step, tempera
         h = decode.embed(cfg, weights, kind, index, fed, rows_labels)
         h, cache = decode.layers(cfg, weights, h, jax.lax.dynamic_slice_in_dim(cos, start, width),
                                  jax.lax.dynamic_slice_in_dim(sin, start, width),
-                                 jax.lax.dynamic_slice(mask, (start, 0), (width, cache_len)), cache, start)
+                                 jax.lax.dynamic_slice(mask, (start, 0), (width, cache_len)), cache, start,
+                                 plan.attention)
         logits = decode.head(cfg, weights, h)                   # (rows, width, V) float32
         if plan.guided:
             pair = logits.reshape(batch, 2, width, -1)
@@ -256,11 +258,13 @@ class Sampler:
     """A compiled sampler for one model, batch size and settings; reuse it to draw many batches.
 
     With several local devices the batch is sharded over them (parameters replicated). `cache_chunks` trades compile
-    time for attention bytes (see `plan_chunks`).
+    time for attention bytes (see `plan_chunks`). `attention` picks how steps attend over the cache (decode.ATTENTION;
+    default decode.default_attention: the CPU kernel for float32 on one CPU device, else XLA's ops).
     """
 
     def __init__(self, model: ParTransformer, settings: SampleSettings = SampleSettings(), batch_size: int = 1,
-                 *, teacher_forced: bool = False, cache_chunks: int = 4, block_cols: Optional[int] = None):
+                 *, teacher_forced: bool = False, cache_chunks: int = 4, block_cols: Optional[int] = None,
+                 attention: Optional[str] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         if cache_chunks < 1:
@@ -268,11 +272,15 @@ class Sampler:
         self.model = model
         self.config = model.config
         self.settings = settings
+        devices = jax.local_devices()
+        if attention is None:
+            attention = decode.default_attention(self.config.dtype, len(devices))
+        decode.check_attention(attention, self.config.dtype, len(devices))
         self.plan = _Plan(batch=batch_size, guided=settings.guided, schedule=settings.guidance_schedule,
                           greedy=settings.temperature == 0, top_k=min(int(settings.top_k), self.config.vocab_size),
                           use_top_p=settings.top_p < 1.0, teacher_forced=teacher_forced, cache_chunks=cache_chunks,
-                          block_cols=decode.default_block_cols() if block_cols is None else int(block_cols))
-        devices = jax.local_devices()
+                          block_cols=decode.default_block_cols() if block_cols is None else int(block_cols),
+                          attention=attention)
         self.mesh = None
         if len(devices) > 1:
             if batch_size % len(devices):
