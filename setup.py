@@ -6,6 +6,8 @@ setuptools.setup(
     version="0.1.0",
     description="PAR (parallelized autoregressive visual generation) in JAX and Flax NNX",
     packages=setuptools.find_packages(include=["par_jax", "par_jax.*"]),
+    # The CPU attention kernel's source: compiled on first use (par_jax/sampling/cpu_attention.py).
+    package_data={"par_jax.sampling": ["*.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.8",

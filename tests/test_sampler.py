@@ -47,14 +47,21 @@ def random_tokens(cfg, seed=2, batch=BATCH):
 LABELS = np.array([1, 5, CLASSES], np.int32)  # the last row asks for the null class (unconditional)
 
 
+def test_cpu_defaults_to_the_attention_kernel():
+    # float32 on one CPU device: the kernel (tests/test_cpu_attention.py builds it; without a compiler it is "xla").
+    assert Sampler(tiny_model(4), SampleSettings(), 1).plan.attention == "cpu_kernel"
+
+
+# Both attention paths: XLA's ops (what accelerators run) and the CPU kernel (what float32 CPU sampling runs).
+@pytest.mark.parametrize("attention", ["xla", "cpu_kernel"])
 @pytest.mark.parametrize("n,grid", [(1, (8, 8)), (4, (8, 8)), (16, (8, 8)), (4, (2, 4, 4)), (16, (2, 8, 8))])
 @pytest.mark.parametrize("guidance", [1.0, 1.5])
-def test_teacher_forced_decoding_equals_training_forward(n, grid, guidance):
+def test_teacher_forced_decoding_equals_training_forward(n, grid, guidance, attention):
     model = tiny_model(n, grid)
     cfg = model.config
     tokens = random_tokens(cfg)
-    got = np.asarray(Sampler(model, SampleSettings(guidance=guidance), BATCH, teacher_forced=True)
-                     .score(tokens, LABELS))
+    got = np.asarray(Sampler(model, SampleSettings(guidance=guidance), BATCH, teacher_forced=True,
+                             attention=attention).score(tokens, LABELS))
     cond = forward_logits(model, tokens, LABELS)
     want = cond
     if guidance != 1.0:
