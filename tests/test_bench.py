@@ -22,7 +22,21 @@ def test_sample_bench_writes_rows_with_floors(tmp_path, capsys):
         assert r["vs_matmul_floor"] == ratios[1]  # median of the per-round ratios
         assert r["vs_matmul_floor_of_medians"] == r["s_per_batch"] / r["matmul_floor_s"]
         assert r["weight_bytes_per_step"] > 0 and "torch_release_s_per_image" not in r  # only for B at 24x24
+        assert r["attention"] == "cpu_kernel"  # float32 on one CPU device
     assert "matmul floor" in capsys.readouterr().out
+
+
+def test_sample_bench_times_a_baseline_attention_in_the_same_rounds(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    bench_sample.main(["--size=tiny", "--grid=4x4", "--n=4", "--vocab=64", "--num_classes=10", "--runs=3",
+                       "--floor_forms=sampler", "--attention=cpu_kernel", "--baseline_attention=xla",
+                       "--json", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert (r["attention"], r["baseline_attention"]) == ("cpu_kernel", "xla")
+    assert len(r["baseline_s_per_batch_runs"]) == 3
+    ratios = sorted(t / b for t, b in zip(r["s_per_batch_runs"], r["baseline_s_per_batch_runs"]))
+    assert r["vs_baseline"] == ratios[1]
+    assert "with xla" in capsys.readouterr().out
 
 
 def test_train_bench_writes_mfu(tmp_path):

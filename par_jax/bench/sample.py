@@ -117,8 +117,14 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     model.output[...] = jax.random.normal(jax.random.key(1), model.output.shape) * cfg.init_std  # non-trivial head
     settings = SampleSettings(guidance=args.guidance, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p)
-    sampler = Sampler(model, settings, batch_size=args.batch, cache_chunks=args.cache_chunks)
+    attention = None if args.attention == "auto" else args.attention
+    sampler = Sampler(model, settings, batch_size=args.batch, cache_chunks=args.cache_chunks, attention=attention)
     compile_s = sampler.compile()
+    baseline = None
+    if args.baseline_attention:  # the same sampler with another attention, timed in the same rounds
+        baseline = Sampler(model, settings, batch_size=args.batch, cache_chunks=args.cache_chunks,
+                           attention=args.baseline_attention)
+        baseline.compile()
     labels = np.arange(args.batch, dtype=np.int32) % cfg.num_classes
     key = jax.random.key(0)
     steps = cfg.layout.num_steps
@@ -128,6 +134,8 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     rows_per_token = args.batch * (2 if settings.guided else 1)
     floor_fn = matmul_floor_fn(cfg, chunks, rows_per_token)
     fns = {"sampler": lambda: sampler(labels, key)}
+    if baseline is not None:
+        fns["baseline"] = lambda: baseline(labels, key)
     forms = {sampler.plan.block_cols}
     if args.floor_forms == "both":  # whole matrices and the backend's default layout, whichever the sampler chose
         forms |= {0, decode.default_block_cols()}
@@ -139,6 +147,8 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
             jax.block_until_ready(fn())
     runs, steal = interleaved(fns, args.runs)
     times = runs.pop("sampler")
+    base_times = runs.pop("baseline", None)
+    steal.pop("baseline", None)
     floor_runs = [min(r) for r in zip(*runs.values())]  # the fastest form in each round
     per_batch = statistics.median(times)
     matmul_floor = statistics.median(floor_runs)
@@ -148,18 +158,23 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     bw_floor = steps * wbytes / bandwidth
     row = {
         "size": args.size, "n": n, "grid": list(cfg.grid_shape), "batch": args.batch, "guidance": args.guidance,
-        "dtype": args.dtype, "steps": steps, "compile_s": compile_s, "s_per_batch": per_batch,
+        "dtype": args.dtype, "attention": sampler.plan.attention, "steps": steps, "compile_s": compile_s,
+        "s_per_batch": per_batch,
         "s_per_batch_runs": times, "ms_per_step": 1e3 * per_batch / steps, "images_per_s": args.batch / per_batch,
         "matmul_floor_s": matmul_floor, "matmul_floor_runs": floor_runs, "matmul_floor_by_form_s": floors,
         "vs_matmul_floor": statistics.median([t / f for t, f in zip(times, floor_runs)]),
         "vs_matmul_floor_of_medians": per_batch / matmul_floor, "steal_s_runs": steal,
         "weight_bytes_per_step": wbytes, "bandwidth_floor_s": bw_floor, "vs_bandwidth_floor": per_batch / bw_floor,
     }
+    if base_times is not None:
+        row.update(baseline_attention=baseline.plan.attention, baseline_s_per_batch=statistics.median(base_times),
+                   baseline_s_per_batch_runs=base_times,
+                   vs_baseline=statistics.median([t / b for t, b in zip(times, base_times)]))
     ref = TORCH_RELEASE_CPU_S.get(n)
     if ref and args.size == "B" and tuple(cfg.grid_shape) == (24, 24) and args.batch == 1 and jax.devices()[0].platform == "cpu":
         row["torch_release_s_per_image"] = ref
         row["speedup_vs_torch_release"] = ref / per_batch
-    del model, sampler
+    del model, sampler, baseline
     return row
 
 
@@ -181,6 +196,10 @@ def main(argv=None):
     p.add_argument("--vocab", default=16384, type=int)
     p.add_argument("--num_classes", default=1000, type=int)
     p.add_argument("--cache_chunks", default=4, type=int, help="Sampler(cache_chunks=...)")
+    p.add_argument("--attention", default="auto", choices=("auto",) + decode.ATTENTION,
+                   help="Sampler(attention=...); auto: the CPU kernel for float32 on one CPU device, else xla")
+    p.add_argument("--baseline_attention", default="", choices=("",) + decode.ATTENTION,
+                   help="also time the sampler with this attention in the same rounds (reports the paired ratio)")
     p.add_argument("--floor_forms", default="both", choices=("both", "sampler"),
                    help="weight layouts timed for the matmul floor: whole matrices and (on CPU) 256-column blocks "
                         "(both), or only the sampler's own (halves the floor's time for long throughput runs)")
@@ -207,13 +226,18 @@ def main(argv=None):
     head = (f"{'n':>3} {'steps':>5} {'compile s':>9} {'s/batch':>8} {'ms/step':>8} {'img/s':>7} {'matmul floor':>12} "
             f"{'x floor':>7} {'bw floor':>8} {'x bw':>5} {'torch s':>7} {'speedup':>7}")
     print(f"\nsize {args.size}, grid {'x'.join(map(str, args.grid))}, batch {args.batch}, guidance {args.guidance}, "
-          f"{args.dtype}, median of {args.runs} runs")
+          f"{args.dtype}, attention {rows[0]['attention']}, median of {args.runs} runs")
     print(head)
     for r in rows:
         torch = f"{r['torch_release_s_per_image']:7.1f} {r['speedup_vs_torch_release']:6.1f}x" if "torch_release_s_per_image" in r else f"{'-':>7} {'-':>7}"
         print(f"{r['n']:>3} {r['steps']:>5} {r['compile_s']:>9.1f} {r['s_per_batch']:>8.2f} {r['ms_per_step']:>8.1f} "
               f"{r['images_per_s']:>7.2f} {r['matmul_floor_s']:>12.2f} {r['vs_matmul_floor']:>6.2f}x "
               f"{r['bandwidth_floor_s']:>8.2f} {r['vs_bandwidth_floor']:>4.2f}x {torch}")
+    for r in rows:
+        if "vs_baseline" in r:
+            print(f"n={r['n']}: {r['s_per_batch']:.2f} s with {r['attention']} attention, "
+                  f"{r['baseline_s_per_batch']:.2f} s with {r['baseline_attention']}: {r['vs_baseline']:.2f}x "
+                  f"(median of per-round ratios)")
     with open(args.json, "w") as f:
         json.dump({"machine": info, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                    "results": rows}, f, indent=2)
