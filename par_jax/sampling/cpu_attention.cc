@@ -12,11 +12,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <mutex>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -72,11 +73,47 @@ struct Dims {
   int64_t hi;  // positions [0, hi) hold every position some query may see
 };
 
+// Few queries: scores accumulate over key rows streamed in order, 8 rows at a time, sc[i][s] (+)= sum_j
+// q[i][d0+j] * k[d0+j][s] (scores stay in L1; the keys are read once, no copy). With more queries every key is
+// reused enough that the packed panels below win.
+template <int ND>
+void ScoreRows(const float* const* qrows, int64_t Q, int64_t d0, const float* k, int64_t S, int64_t hi, float* sc,
+               int64_t ld) {
+  int64_t s0 = 0;
+  for (; s0 + kW <= hi; s0 += kW) {
+    vf kv[ND];
+    for (int j = 0; j < ND; ++j) kv[j] = load(k + (d0 + j) * S + s0);
+    for (int64_t i = 0; i < Q; ++i) {
+      float* row = sc + i * ld + s0;
+      vf a = d0 == 0 ? vf{} : load(row);
+      for (int j = 0; j < ND; ++j) a += qrows[i][d0 + j] * kv[j];
+      store(row, a);
+    }
+  }
+  for (; s0 < ld; ++s0) {  // the last partial vector, and zeros on the padding up to ld
+    for (int64_t i = 0; i < Q; ++i) {
+      float a = d0 == 0 ? 0.f : sc[i * ld + s0];
+      if (s0 < hi) {
+        for (int j = 0; j < ND; ++j) a += qrows[i][d0 + j] * k[(d0 + j) * S + s0];
+      }
+      sc[i * ld + s0] = a;
+    }
+  }
+}
+
+void ScoresStreamed(const float* const* qrows, int64_t Q, const float* k, int64_t D, int64_t S, int64_t hi, float* sc,
+                    int64_t ld) {
+  int64_t d0 = 0;
+  for (; d0 + 8 <= D; d0 += 8) ScoreRows<8>(qrows, Q, d0, k, S, hi, sc, ld);
+  for (; d0 < D; ++d0) ScoreRows<1>(qrows, Q, d0, k, S, hi, sc, ld);
+}
+
 // Keys of one (row, head) pair, positions [0, hi), copied into panels of kP positions: panel[p][d][0:kP]. The copy
 // reads every key row in order (prefetch-friendly); the products then read each panel contiguously from L1/L2.
 // Reading the 64 rows side by side instead (one 16-position tile of each) was 2-3x slower: more streams than the
 // hardware prefetcher follows.
 constexpr int kP = 2 * kW;
+constexpr int64_t kStreamedQueries = 4;  // up to this many queries per step: ScoresStreamed, else packed panels
 
 void PackKeys(const float* k, int64_t D, int64_t S, int64_t hi, float* panels) {
   const int64_t np = (hi + kP - 1) / kP;
@@ -247,8 +284,12 @@ void AttendPair(const Dims& dm, int64_t r, int64_t h, const float* q, const floa
 
   std::vector<const float*> qrows(static_cast<size_t>(Q));
   for (int64_t i = 0; i < Q; ++i) qrows[i] = q + ((r * Q + i) * H + h) * D;
-  PackKeys(kp, D, S, hi, panels);
-  Scores(qrows.data(), Q, panels, D, hi, scores, ld);
+  if (Q <= kStreamedQueries) {
+    ScoresStreamed(qrows.data(), Q, kp, D, S, hi, scores, ld);
+  } else {
+    PackKeys(kp, D, S, hi, panels);
+    Scores(qrows.data(), Q, panels, D, hi, scores, ld);
+  }
   // Masked softmax, row by row (probabilities left unnormalised; the sum divides the output). bias is 0 where the
   // query may look and float32's lowest value where not: x * scale + bias equals decode.layers' masked scores (at
   // hidden positions to within rounding of that lowest value, whose exp is 0 all the same).
@@ -303,32 +344,31 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
     }
   }
   const std::vector<float> bias = MaskBias(m, dm.Q, dm.S, dm.hi);
+  // Tasks are (row, head) pairs claimed from a shared counter by this thread and by helpers on XLA's pool. The
+  // caller never waits for a helper that has not started (on a VM a helper's core may be descheduled for
+  // milliseconds): it works through the tasks itself and then waits only for tasks a helper has claimed. A helper
+  // that starts after the work is gone finds the counter exhausted and touches nothing but the shared state.
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto shared = std::make_shared<Shared>();
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
   float* op = out->typed_data();
+  const float* bp = bias.data();
   const int64_t tasks = dm.R * dm.H;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(tasks, pool.num_threads()));
-  auto run_part = [&](int64_t part) {
+  auto work = [shared, dm, tasks, qp, kp, vp, bp, op] {
     std::vector<float> scratch;
-    for (int64_t t = part * tasks / parts; t < (part + 1) * tasks / parts; ++t) {
-      AttendPair(dm, t / dm.H, t % dm.H, qp, kp, vp, bias.data(), op, scratch);
+    for (int64_t t; (t = shared->next.fetch_add(1)) < tasks;) {
+      AttendPair(dm, t / dm.H, t % dm.H, qp, kp, vp, bp, op, scratch);
+      shared->done.fetch_add(1, std::memory_order_release);
     }
   };
-  // Parts 1.. on the pool, part 0 on this thread, then wait for the rest.
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t pending = parts - 1;
-  for (int64_t p = 1; p < parts; ++p) {
-    pool.Schedule([&, p] {
-      run_part(p);
-      std::lock_guard<std::mutex> lock(mu);
-      if (--pending == 0) cv.notify_one();
-    });
-  }
-  run_part(0);
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return pending == 0; });
+  const int64_t helpers = std::min<int64_t>(tasks, pool.num_threads()) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work(); });
+  work();
+  while (shared->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
