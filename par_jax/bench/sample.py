@@ -216,11 +216,18 @@ def main(argv=None):
     print(f"# {info['cpu']} ({info['cpu_count']} cores), {info['platform']} x{info['device_count']}, jax "
           f"{info['jax']}, copy bandwidth {bandwidth / 1e9:.1f} GB/s, load average {info['loadavg_start']:.2f}")
     rows = []
+
+    def write_json():
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "args": {k: (list(v) if isinstance(v, tuple) else v)
+                                                 for k, v in vars(args).items()}, "results": rows}, f, indent=2)
+
     for n in (int(x) for x in args.n.split(",")):
         rows.append(bench_one(args, n, bandwidth))
         r = rows[-1]
         print(f"  n={n}: {r['s_per_batch']:.2f} s/batch (runs {', '.join(f'{t:.2f}' for t in r['s_per_batch_runs'])}; "
               f"floor {', '.join(f'{t:.2f}' for t in r['matmul_floor_runs'])})", flush=True)
+        write_json()  # after every n: long throughput runs keep what they measured if stopped
     info["loadavg_end"] = loadavg()
 
     head = (f"{'n':>3} {'steps':>5} {'compile s':>9} {'s/batch':>8} {'ms/step':>8} {'img/s':>7} {'matmul floor':>12} "
@@ -238,9 +245,7 @@ def main(argv=None):
             print(f"n={r['n']}: {r['s_per_batch']:.2f} s with {r['attention']} attention, "
                   f"{r['baseline_s_per_batch']:.2f} s with {r['baseline_attention']}: {r['vs_baseline']:.2f}x "
                   f"(median of per-round ratios)")
-    with open(args.json, "w") as f:
-        json.dump({"machine": info, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                   "results": rows}, f, indent=2)
+    write_json()
     print(f"wrote {args.json}")
 
 
