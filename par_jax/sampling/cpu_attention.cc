@@ -3,16 +3,17 @@
 // Why a kernel: XLA:CPU runs this step's attention (a few queries per head against a cache of a few hundred
 // positions) as batched small matrix products on one thread, at about 3 GB/s of cache read, while the weight
 // matmuls around it use every core; at 16 queries per step it was ~25% of the sampler's time (docs/benchmarks.md).
-// Here each (row, head) pair is one task: scores with 8 queries x 16 positions held in registers, a masked softmax
-// and the value product, spread over XLA's intra-op thread pool.
+// Here each (row, head) pair is one task (key rows streamed for few queries, packed 32-position panels with 8 queries x
+// 32 positions of scores in registers for more), a masked softmax and the value product, spread over XLA's intra-op
+// thread pool.
 //
 // Shapes (see cpu_attention.py): q (R, Q, H, D); k, v (R, H, D, S) (the sampler's cache layout); mask (Q, S) bool;
 // out (R, Q, H, D). Same math as decode.layers: scores * 1/sqrt(D) in float32, masked positions at
 // float32's lowest value, softmax, then probabilities times values.
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -68,9 +69,12 @@ inline vf exp_nonpositive(vf x) {
   return x < lo ? splat(0.0f) : y;
 }
 
+constexpr int kP = 2 * kW;  // positions per packed key panel; score rows are padded to a multiple of it
+
 struct Dims {
   int64_t R, Q, H, D, S;
   int64_t hi;  // positions [0, hi) hold every position some query may see
+  int64_t ld;  // score-row stride: hi rounded up to kP (the padding gets probability 0)
 };
 
 // Few queries: scores accumulate over key rows streamed in order, 8 rows at a time, sc[i][s] (+)= sum_j
@@ -112,7 +116,6 @@ void ScoresStreamed(const float* const* qrows, int64_t Q, const float* k, int64_
 // reads every key row in order (prefetch-friendly); the products then read each panel contiguously from L1/L2.
 // Reading the 64 rows side by side instead (one 16-position tile of each) was 2-3x slower: more streams than the
 // hardware prefetcher follows.
-constexpr int kP = 2 * kW;
 constexpr int64_t kStreamedQueries = 4;  // up to this many queries per step: ScoresStreamed, else packed panels
 
 void PackKeys(const float* k, int64_t D, int64_t S, int64_t hi, float* panels) {
@@ -254,25 +257,22 @@ void Values(const float* const* prow, int64_t Q, const float* v, int64_t D, int6
   }
 }
 
-// The mask as an additive bias over ld = round_up(hi, kP) positions: 0 where visible, float32's lowest elsewhere
-// (also on the padding past hi, so padded positions get probability 0).
-std::vector<float> MaskBias(const bool* mask, int64_t Q, int64_t S, int64_t hi) {
-  const int64_t ld = (hi + kP - 1) / kP * kP;
-  std::vector<float> bias(static_cast<size_t>(Q * ld), std::numeric_limits<float>::lowest());
-  for (int64_t i = 0; i < Q; ++i) {
-    for (int64_t s = 0; s < hi; ++s) {
-      if (mask[i * S + s]) bias[i * ld + s] = 0.f;
+// The mask (Q, S) as an additive bias (Q, ld): 0 where visible, float32's lowest elsewhere (also on the padding past
+// hi, so padded positions get probability 0).
+std::vector<float> MaskBias(const bool* mask, const Dims& dm) {
+  std::vector<float> bias(static_cast<size_t>(dm.Q * dm.ld), std::numeric_limits<float>::lowest());
+  for (int64_t i = 0; i < dm.Q; ++i) {
+    for (int64_t s = 0; s < dm.hi; ++s) {
+      if (mask[i * dm.S + s]) bias[i * dm.ld + s] = 0.f;
     }
   }
   return bias;
 }
 
-// One (row, head) pair: all Q queries of this step against the cache.
-// bias: (Q, ld) with ld = round_up(hi, kP), see MaskBias.
+// One (row, head) pair: all Q queries of this step against the cache. bias: (Q, ld), see MaskBias.
 void AttendPair(const Dims& dm, int64_t r, int64_t h, const float* q, const float* k, const float* v,
                 const float* bias, float* out, std::vector<float>& scratch) {
-  const int64_t D = dm.D, S = dm.S, Q = dm.Q, H = dm.H, hi = dm.hi;
-  const int64_t ld = (hi + kP - 1) / kP * kP;
+  const int64_t D = dm.D, S = dm.S, Q = dm.Q, H = dm.H, hi = dm.hi, ld = dm.ld;
   scratch.resize(static_cast<size_t>(Q * ld + Q * D + ld * D));
   float* scores = scratch.data();
   float* acc = scores + Q * ld;
@@ -328,7 +328,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 2) {
     return ffi::Error::InvalidArgument("par_decode_attention: expected q (R,Q,H,D), k/v (R,H,D,S), mask (Q,S)");
   }
-  Dims dm{qd[0], qd[1], qd[2], qd[3], kd[3], 0};
+  Dims dm{qd[0], qd[1], qd[2], qd[3], kd[3], 0, 0};
   if (kd[0] != dm.R || kd[1] != dm.H || kd[2] != dm.D || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] ||
       vd[3] != kd[3] || md[0] != dm.Q || md[1] != dm.S) {
     return ffi::Error::InvalidArgument("par_decode_attention: q, k, v and mask shapes do not agree");
@@ -343,7 +343,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
       }
     }
   }
-  const std::vector<float> bias = MaskBias(m, dm.Q, dm.S, dm.hi);
+  dm.ld = (dm.hi + kP - 1) / kP * kP;
+  const std::vector<float> bias = MaskBias(m, dm);
   // Tasks are (row, head) pairs claimed from a shared counter by this thread and by helpers on XLA's pool. The
   // caller never waits for a helper that has not started (on a VM a helper's core may be descheduled for
   // milliseconds): it works through the tasks itself and then waits only for tasks a helper has claimed. A helper

@@ -54,35 +54,35 @@ def default_block_cols() -> int:
 ATTENTION = ("xla", "cpu_kernel")   # how a step attends over the cache: XLA's ops, or cpu_attention.cc
 
 
+def _cpu_kernel_unavailable(dtype, num_devices: int) -> str | None:
+    """Why attention="cpu_kernel" cannot run here, or None. The build is tried last (only where it would be used)."""
+    if jax.default_backend() != "cpu":
+        return f"it runs on the CPU backend only (this is {jax.default_backend()})"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"it takes float32 models, this one computes in {jnp.dtype(dtype)}"
+    if num_devices != 1:
+        return f"it needs one device (the batch is sharded over {num_devices})"
+    if not cpu_attention.available():
+        return f"it is unavailable: {cpu_attention.unavailable_reason()}"
+    return None
+
+
 def default_attention(dtype, num_devices: int) -> str:
     """"cpu_kernel" where it applies (CPU backend, float32, one device, kernel built), else "xla".
 
     The kernel was 2x faster than XLA's attention at 2 to 16 queries per step on a 2-core Xeon
     (docs/benchmarks.md#sampling); with several devices the batch is sharded by XLA, which cannot split a custom call.
     """
-    if (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and num_devices == 1
-            and cpu_attention.available()):
-        return "cpu_kernel"
-    return "xla"
+    return "xla" if _cpu_kernel_unavailable(dtype, num_devices) else "cpu_kernel"
 
 
 def check_attention(attention: str, dtype, num_devices: int) -> None:
     """A clear error for an attention choice that cannot run here."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
-    if attention != "cpu_kernel":
-        return
-    if jax.default_backend() != "cpu":
-        raise ValueError(f"attention='cpu_kernel' runs on the CPU backend only (this is {jax.default_backend()}); "
-                         f"use attention='xla'.")
-    if jnp.dtype(dtype) != jnp.float32:
-        raise ValueError(f"attention='cpu_kernel' takes float32 models, this one computes in {jnp.dtype(dtype)}; "
-                         f"use attention='xla'.")
-    if num_devices != 1:
-        raise ValueError(f"attention='cpu_kernel' needs one device (the batch is sharded over {num_devices}); "
-                         f"use attention='xla'.")
-    if not cpu_attention.available():
-        raise ValueError(f"attention='cpu_kernel' is unavailable: {cpu_attention.unavailable_reason()}")
+    reason = _cpu_kernel_unavailable(dtype, num_devices) if attention == "cpu_kernel" else None
+    if reason:
+        raise ValueError(f"attention='cpu_kernel' cannot run here: {reason}; use attention='xla'.")
 
 
 def _blocks(w, block_cols: int) -> list:
