@@ -44,11 +44,12 @@ def test_kernel_builds_here():
     assert cpu_attention.available(), cpu_attention.unavailable_reason()
 
 
-# Query counts around the 8-query register blocks and 4-query value blocks; head dims that are and are not multiples
-# of the 4 and 8-row blocks; lengths around the 16-float vectors and 32-position panels.
+# Both paths: streamed (1-4 queries: 8-row key blocks, 4 x 4 value blocks) and lanes (5+ queries, 16 per vector: 24, 8
+# and 1-position score blocks, 16, 4 and 1-row value blocks, 8-position rounds). Query counts around 4 and the
+# 16-lane chunks; head dims that are and are not multiples of those row blocks; visible lengths off every block size.
 @pytest.mark.parametrize("queries,dim,length,visible", [
-    (1, 64, 600, 577), (2, 64, 70, 40), (3, 12, 37, 20), (4, 32, 64, 60), (8, 8, 33, 16), (9, 32, 77, 50),
-    (16, 64, 128, 100), (17, 6, 5, 2)])
+    (1, 64, 600, 577), (2, 64, 70, 40), (3, 12, 37, 20), (4, 32, 64, 60), (5, 21, 40, 31), (8, 8, 33, 16),
+    (9, 32, 77, 50), (16, 64, 600, 560), (16, 70, 128, 100), (17, 6, 5, 2), (33, 20, 61, 23)])
 def test_kernel_matches_the_reference(queries, dim, length, visible):
     rng = np.random.default_rng(queries * 100 + dim)
     q, k, v, mask = random_case(rng, 3, queries, 2, dim, length, visible)
@@ -68,11 +69,12 @@ def test_kernel_matches_decode_layers_attention():
     np.testing.assert_allclose(np.asarray(cpu_attention.attend(q, k, v, mask)), np.asarray(want), atol=ATOL, rtol=0)
 
 
-def test_kernel_never_reads_positions_no_query_sees():
+@pytest.mark.parametrize("queries", [4, 16])  # the streamed and the lanes path
+def test_kernel_never_reads_positions_no_query_sees(queries):
     # The cache past the current step is not written yet; the kernel stops at the last visible position, so even NaN
     # there (XLA's softmax would give 0 * NaN = NaN) leaves the result untouched.
     rng = np.random.default_rng(3)
-    q, k, v, mask = random_case(rng, 2, 4, 2, 16, 90, 40)
+    q, k, v, mask = random_case(rng, 2, queries, 2, 16, 90, 40)
     last = int(np.nonzero(mask.any(0))[0].max()) + 1
     k[..., last:] = np.nan
     v[..., last:] = np.nan

@@ -3,9 +3,11 @@
 // Why a kernel: XLA:CPU runs this step's attention (a few queries per head against a cache of a few hundred
 // positions) as batched small matrix products on one thread, at about 3 GB/s of cache read, while the weight
 // matmuls around it use every core; at 16 queries per step it was ~25% of the sampler's time (docs/benchmarks.md).
-// Here each (row, head) pair is one task (key rows streamed for few queries, packed 32-position panels with 8 queries x
-// 32 positions of scores in registers for more), a masked softmax and the value product, spread over XLA's intra-op
-// thread pool.
+// Here each (row, head) pair is one task, spread over XLA's intra-op thread pool. Up to kStreamedQueries queries
+// (n = 1 and 4) the key rows are streamed past score rows held in L1; with more queries, up to 16 of them share one
+// vector (one lane per query), so scores, softmax and the value product are whole-vector FMAs on the cache read in
+// place (no packing, no horizontal sums), with software prefetch a block ahead because 64 strided rows are more
+// streams than the hardware prefetcher follows.
 //
 // Shapes (see cpu_attention.py): q (R, Q, H, D); k, v (R, H, D, S) (the sampler's cache layout); mask (Q, S) bool;
 // out (R, Q, H, D). Same math as decode.layers: scores * 1/sqrt(D) in float32, masked positions at
@@ -69,23 +71,24 @@ inline vf exp_nonpositive(vf x) {
   return x < lo ? splat(0.0f) : y;
 }
 
-constexpr int kP = 2 * kW;  // positions per packed key panel; score rows are padded to a multiple of it
-
 struct Dims {
   int64_t R, Q, H, D, S;
   int64_t hi;  // positions [0, hi) hold every position some query may see
-  int64_t ld;  // score-row stride: hi rounded up to kP (the padding gets probability 0)
+  int64_t ld;  // score-row stride of the streamed path: hi rounded up to kW (the padding gets probability 0)
 };
 
 // Few queries: scores accumulate over key rows streamed in order, 8 rows at a time, sc[i][s] (+)= sum_j
-// q[i][d0+j] * k[d0+j][s] (scores stay in L1; the keys are read once, no copy). With more queries every key is
-// reused enough that the packed panels below win.
+// q[i][d0+j] * k[d0+j][s] (scores stay in L1; the keys are read once, no copy). With more queries the lanes path
+// below does more FMAs per load.
 template <int ND>
 void ScoreRows(const float* const* qrows, int64_t Q, int64_t d0, const float* k, int64_t S, int64_t hi, float* sc,
                int64_t ld) {
   int64_t s0 = 0;
   for (; s0 + kW <= hi; s0 += kW) {
     vf kv[ND];
+    // 8 rows read side by side: prefetched 8 lines ahead, which took 12 layers x 24 pairs x 600 positions at 4
+    // queries from ~9 ms to ~7.7 ms on one core with the cache in DRAM.
+    for (int j = 0; j < ND; ++j) __builtin_prefetch(k + (d0 + j) * S + s0 + 8 * kW);
     for (int j = 0; j < ND; ++j) kv[j] = load(k + (d0 + j) * S + s0);
     for (int64_t i = 0; i < Q; ++i) {
       float* row = sc + i * ld + s0;
@@ -112,85 +115,7 @@ void ScoresStreamed(const float* const* qrows, int64_t Q, const float* k, int64_
   for (; d0 < D; ++d0) ScoreRows<1>(qrows, Q, d0, k, S, hi, sc, ld);
 }
 
-// Keys of one (row, head) pair, positions [0, hi), copied into panels of kP positions: panel[p][d][0:kP]. The copy
-// reads every key row in order (prefetch-friendly); the products then read each panel contiguously from L1/L2.
-// Reading the 64 rows side by side instead (one 16-position tile of each) was 2-3x slower: more streams than the
-// hardware prefetcher follows.
-constexpr int64_t kStreamedQueries = 4;  // up to this many queries per step: ScoresStreamed, else packed panels
-
-void PackKeys(const float* k, int64_t D, int64_t S, int64_t hi, float* panels) {
-  const int64_t np = (hi + kP - 1) / kP;
-  for (int64_t d = 0; d < D; ++d) {
-    const float* row = k + d * S;
-    for (int64_t p = 0; p < np; ++p) {
-      float* dst = panels + (p * D + d) * kP;
-      const int64_t s0 = p * kP, w = std::min<int64_t>(kP, hi - s0);
-      if (w == kP) {
-        store(dst, load(row + s0));
-        store(dst + kW, load(row + s0 + kW));
-      } else {
-        for (int64_t j = 0; j < kP; ++j) dst[j] = j < w ? row[s0 + j] : 0.f;
-      }
-    }
-  }
-}
-
-// sc[i][p*kP .. +kP] = sum_d q[i][d] * panel[d][:] for NQ <= 8 queries: 2 x NQ accumulators in registers, and for
-// few queries NS independent partial sums over d, so there are enough independent FMA chains to hide their latency.
-template <int NQ>
-void ScorePanel(const float* const* qrows, const float* panel, int64_t D, float* const* out) {
-  constexpr int NS = NQ >= 4 ? 1 : (NQ == 1 ? 4 : 2);
-  vf a0[NS][NQ] = {}, a1[NS][NQ] = {};
-  int64_t d = 0;
-  for (; d + NS <= D; d += NS) {
-    for (int u = 0; u < NS; ++u) {
-      vf k0 = load(panel + (d + u) * kP), k1 = load(panel + (d + u) * kP + kW);
-      for (int i = 0; i < NQ; ++i) {
-        a0[u][i] += qrows[i][d + u] * k0;
-        a1[u][i] += qrows[i][d + u] * k1;
-      }
-    }
-  }
-  for (; d < D; ++d) {
-    vf k0 = load(panel + d * kP), k1 = load(panel + d * kP + kW);
-    for (int i = 0; i < NQ; ++i) {
-      a0[0][i] += qrows[i][d] * k0;
-      a1[0][i] += qrows[i][d] * k1;
-    }
-  }
-  for (int i = 0; i < NQ; ++i) {
-    for (int u = 1; u < NS; ++u) {
-      a0[0][i] += a0[u][i];
-      a1[0][i] += a1[u][i];
-    }
-    store(out[i], a0[0][i]);
-    store(out[i] + kW, a1[0][i]);
-  }
-}
-
-// Scores of Q queries against keys [0, hi): sc rows of ld >= round_up(hi, kP) floats.
-void Scores(const float* const* qrows, int64_t Q, const float* panels, int64_t D, int64_t hi, float* sc, int64_t ld) {
-  const int64_t np = (hi + kP - 1) / kP;
-  for (int64_t p = 0; p < np; ++p) {
-    const float* panel = panels + p * D * kP;
-    for (int64_t q0 = 0; q0 < Q; q0 += 8) {
-      const int nq = static_cast<int>(std::min<int64_t>(8, Q - q0));
-      float* out[8];
-      for (int i = 0; i < nq; ++i) out[i] = sc + (q0 + i) * ld + p * kP;
-      const float* const* qr = qrows + q0;
-      switch (nq) {
-        case 1: ScorePanel<1>(qr, panel, D, out); break;
-        case 2: ScorePanel<2>(qr, panel, D, out); break;
-        case 3: ScorePanel<3>(qr, panel, D, out); break;
-        case 4: ScorePanel<4>(qr, panel, D, out); break;
-        case 5: ScorePanel<5>(qr, panel, D, out); break;
-        case 6: ScorePanel<6>(qr, panel, D, out); break;
-        case 7: ScorePanel<7>(qr, panel, D, out); break;
-        default: ScorePanel<8>(qr, panel, D, out); break;
-      }
-    }
-  }
-}
+constexpr int64_t kStreamedQueries = 4;  // up to this many queries per step: the streamed path, else lanes
 
 // out[i][j] = sum_s p[i][s] * v[j][s] for NQ <= 4 queries and ND value rows (16 accumulators at 4 x 4).
 template <int NQ, int ND>
@@ -257,43 +182,20 @@ void Values(const float* const* prow, int64_t Q, const float* v, int64_t D, int6
   }
 }
 
-// The mask (Q, S) as an additive bias (Q, ld): 0 where visible, float32's lowest elsewhere (also on the padding past
-// hi, so padded positions get probability 0).
-std::vector<float> MaskBias(const bool* mask, const Dims& dm) {
-  std::vector<float> bias(static_cast<size_t>(dm.Q * dm.ld), std::numeric_limits<float>::lowest());
-  for (int64_t i = 0; i < dm.Q; ++i) {
-    for (int64_t s = 0; s < dm.hi; ++s) {
-      if (mask[i * dm.S + s]) bias[i * dm.ld + s] = 0.f;
-    }
-  }
-  return bias;
-}
-
-// One (row, head) pair: all Q queries of this step against the cache. bias: (Q, ld), see MaskBias.
-void AttendPair(const Dims& dm, int64_t r, int64_t h, const float* q, const float* k, const float* v,
-                const float* bias, float* out, std::vector<float>& scratch) {
-  const int64_t D = dm.D, S = dm.S, Q = dm.Q, H = dm.H, hi = dm.hi, ld = dm.ld;
-  scratch.resize(static_cast<size_t>(Q * ld + Q * D + ld * D));
-  float* scores = scratch.data();
-  float* acc = scores + Q * ld;
-  float* panels = acc + Q * D;
-  const float* kp = k + (r * H + h) * D * S;
-  const float* vp = v + (r * H + h) * D * S;
+// Streamed path (Q <= kStreamedQueries), one (row, head) pair. bias: (Q, ld), see MaskBias.
+void AttendStreamed(const Dims& dm, const float* const* qrows, const float* kp, const float* vp, const float* bias,
+                    float* const* orows, float* scratch) {
+  const int64_t D = dm.D, S = dm.S, Q = dm.Q, hi = dm.hi, ld = dm.ld;
+  float* scores = scratch;       // (Q, ld)
+  float* acc = scores + Q * ld;  // (Q, D)
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float lowest = std::numeric_limits<float>::lowest();
-
-  std::vector<const float*> qrows(static_cast<size_t>(Q));
-  for (int64_t i = 0; i < Q; ++i) qrows[i] = q + ((r * Q + i) * H + h) * D;
-  if (Q <= kStreamedQueries) {
-    ScoresStreamed(qrows.data(), Q, kp, D, S, hi, scores, ld);
-  } else {
-    PackKeys(kp, D, S, hi, panels);
-    Scores(qrows.data(), Q, panels, D, hi, scores, ld);
-  }
+  ScoresStreamed(qrows, Q, kp, D, S, hi, scores, ld);
   // Masked softmax, row by row (probabilities left unnormalised; the sum divides the output). bias is 0 where the
   // query may look and float32's lowest value where not: x * scale + bias equals decode.layers' masked scores (at
   // hidden positions to within rounding of that lowest value, whose exp is 0 all the same).
-  std::vector<float> inv_sum(static_cast<size_t>(Q));
+  float inv_sum[kStreamedQueries];
+  const float* prows[kStreamedQueries];
   for (int64_t i = 0; i < Q; ++i) {
     float* row = scores + i * ld;
     const float* b = bias + i * ld;
@@ -312,13 +214,158 @@ void AttendPair(const Dims& dm, int64_t r, int64_t h, const float* q, const floa
       sum += e;
     }
     inv_sum[i] = 1.0f / hsum(sum);
+    prows[i] = row;
   }
-  std::vector<const float*> prows(static_cast<size_t>(Q));
-  for (int64_t i = 0; i < Q; ++i) prows[i] = scores + i * ld;
-  Values(prows.data(), Q, vp, D, S, hi, acc);
+  Values(prows, Q, vp, D, S, hi, acc);
   for (int64_t i = 0; i < Q; ++i) {
-    float* o = out + ((r * Q + i) * H + h) * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[i * D + d] * inv_sum[i];
+    for (int64_t d = 0; d < D; ++d) orows[i][d] = acc[i * D + d] * inv_sum[i];
+  }
+}
+
+// Lanes path (Q > kStreamedQueries): up to kW queries of one (row, head) pair share one vector, one lane each, so
+// the scores of a position are one vector, the softmax runs down the positions with no horizontal reductions, and
+// both products are outer-product FMAs with the cache values broadcast straight from the cache rows (read in place:
+// the old packed-panel copy of the keys cost as much as the score products). Each loaded vector feeds 16-24 FMAs.
+// Measured on one core of the 2-core Xeon with the cache in L2: scores ~160 GFLOP/s, values ~150 GFLOP/s.
+//
+// The 64 key (value) rows are read side by side, a few positions of each at a time: more streams than the hardware
+// prefetcher tracks, so each row is prefetched kPrefetchK (kPrefetchV) floats ahead. With the cache in DRAM, as in
+// the sampler (the weights pass through between two uses of a layer's cache), this took one core from 16 ms to 9 ms
+// for 12 layers x 24 pairs x 600 positions.
+constexpr int64_t kPrefetchK = 24 + 24;  // one block of keys ahead
+constexpr int64_t kPrefetchV = 64;
+constexpr int kU = 8;                    // positions per round of the value product
+
+// st[s0 + j] = (qt^T k[:, s0 + j]) + biast[s0 + j] for NB positions (qt is (D, kW): the queries times 1/sqrt(D),
+// transposed); mx keeps the running per-lane max.
+template <int NB>
+inline void LaneScores(const float* qt, const float* k, int64_t D, int64_t S, int64_t s0, const float* biast,
+                       float* st, vf& mx) {
+  vf acc[NB] = {};
+  const float* kr = k + s0;
+  for (int64_t d = 0; d < D; ++d, kr += S) {
+    __builtin_prefetch(kr + kPrefetchK);
+    __builtin_prefetch(kr + kPrefetchK + kW);
+    const vf qv = load(qt + d * kW);
+#pragma GCC unroll 32  // without it GCC keeps the accumulators on the stack (2.6x slower)
+    for (int j = 0; j < NB; ++j) acc[j] += kr[j] * qv;
+  }
+#pragma GCC unroll 32
+  for (int j = 0; j < NB; ++j) {
+    const vf x = acc[j] + load(biast + (s0 + j) * kW);
+    store(st + (s0 + j) * kW, x);
+    mx = mx > x ? mx : x;
+  }
+}
+
+// acct[d0 + j] = sum_s pt[s] * v[d0 + j][s] for DB value rows: DB accumulators and kU probability vectors in
+// registers, one pointer walking down the rows (so every broadcast is [row + constant]).
+template <int DB>
+inline void LaneValues(const float* pt, const float* v, int64_t S, int64_t hi, int64_t d0, float* acct) {
+  vf acc[DB] = {};
+  const float* vr = v + d0 * S;
+  int64_t s0 = 0;
+  for (; s0 + kU <= hi; s0 += kU) {
+    vf pv[kU];
+    for (int u = 0; u < kU; ++u) pv[u] = load(pt + (s0 + u) * kW);
+    const float* row = vr + s0;
+#pragma GCC unroll 32
+    for (int j = 0; j < DB; ++j, row += S) {
+      __builtin_prefetch(row + kPrefetchV);
+      for (int u = 0; u < kU; ++u) acc[j] += row[u] * pv[u];
+    }
+  }
+  for (; s0 < hi; ++s0) {
+    const vf pv = load(pt + s0 * kW);
+#pragma GCC unroll 32
+    for (int j = 0; j < DB; ++j) acc[j] += vr[j * S + s0] * pv;
+  }
+  for (int j = 0; j < DB; ++j) store(acct + (d0 + j) * kW, acc[j]);
+}
+
+// nq <= kW queries of one (row, head) pair. biast: (hi, kW), this chunk's lanes of LaneBias.
+void AttendLanes(const Dims& dm, const float* const* qrows, int nq, const float* kp, const float* vp,
+                 const float* biast, float* const* orows, float* scratch) {
+  const int64_t D = dm.D, S = dm.S, hi = dm.hi;
+  float* qt = scratch;        // (D, kW)
+  float* acct = qt + D * kW;  // (D, kW)
+  float* st = acct + D * kW;  // (hi, kW): scores, then unnormalised probabilities
+  // The scale goes on the queries (decode.layers scales the scores: the same up to rounding; exact for D = 64).
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int64_t d = 0; d < D; ++d) {
+    for (int i = 0; i < kW; ++i) qt[d * kW + i] = i < nq ? qrows[i][d] * scale : 0.f;
+  }
+  vf mx = splat(std::numeric_limits<float>::lowest());
+  int64_t s0 = 0;
+  for (; s0 + 24 <= hi; s0 += 24) LaneScores<24>(qt, kp, D, S, s0, biast, st, mx);
+  for (; s0 + 8 <= hi; s0 += 8) LaneScores<8>(qt, kp, D, S, s0, biast, st, mx);
+  for (; s0 < hi; ++s0) LaneScores<1>(qt, kp, D, S, s0, biast, st, mx);
+  vf sum = {};
+  for (int64_t s = 0; s < hi; ++s) {
+    const vf e = exp_nonpositive(load(st + s * kW) - mx);
+    store(st + s * kW, e);
+    sum += e;
+  }
+  int64_t d0 = 0;
+  for (; d0 + 16 <= D; d0 += 16) LaneValues<16>(st, vp, S, hi, d0, acct);
+  for (; d0 + 4 <= D; d0 += 4) LaneValues<4>(st, vp, S, hi, d0, acct);
+  for (; d0 < D; ++d0) LaneValues<1>(st, vp, S, hi, d0, acct);
+  const vf inv = splat(1.0f) / sum;
+  for (int64_t d = 0; d < D; ++d) {
+    const vf o = load(acct + d * kW) * inv;
+    for (int i = 0; i < nq; ++i) orows[i][d] = o[i];
+  }
+}
+
+// The mask as an additive bias: 0 where visible, float32's lowest elsewhere. Streamed path: (Q, ld), lowest also on
+// the padding past hi (padded positions get probability 0). Lanes path: (chunks of kW queries, hi, kW), with 0 in
+// the lanes past Q (their scores are 0 and their outputs are never written).
+std::vector<float> MaskBias(const bool* mask, const Dims& dm) {
+  const float lowest = std::numeric_limits<float>::lowest();
+  if (dm.Q <= kStreamedQueries) {
+    std::vector<float> bias(static_cast<size_t>(dm.Q * dm.ld), lowest);
+    for (int64_t i = 0; i < dm.Q; ++i) {
+      for (int64_t s = 0; s < dm.hi; ++s) {
+        if (mask[i * dm.S + s]) bias[i * dm.ld + s] = 0.f;
+      }
+    }
+    return bias;
+  }
+  const int64_t chunks = (dm.Q + kW - 1) / kW;
+  std::vector<float> bias(static_cast<size_t>(chunks * dm.hi * kW), 0.f);
+  for (int64_t i = 0; i < dm.Q; ++i) {
+    float* b = bias.data() + (i / kW) * dm.hi * kW + i % kW;
+    for (int64_t s = 0; s < dm.hi; ++s) {
+      if (!mask[i * dm.S + s]) b[s * kW] = lowest;
+    }
+  }
+  return bias;
+}
+
+// One (row, head) pair: all Q queries of this step against the cache. bias: see MaskBias.
+void AttendPair(const Dims& dm, int64_t r, int64_t h, const float* q, const float* k, const float* v,
+                const float* bias, float* out, std::vector<float>& scratch) {
+  const int64_t D = dm.D, Q = dm.Q, H = dm.H;
+  const float* kp = k + (r * H + h) * D * dm.S;
+  const float* vp = v + (r * H + h) * D * dm.S;
+  const float* qrows[kW];
+  float* orows[kW];
+  if (Q <= kStreamedQueries) {
+    scratch.resize(static_cast<size_t>(Q * (dm.ld + D)));
+    for (int64_t i = 0; i < Q; ++i) {
+      qrows[i] = q + ((r * Q + i) * H + h) * D;
+      orows[i] = out + ((r * Q + i) * H + h) * D;
+    }
+    return AttendStreamed(dm, qrows, kp, vp, bias, orows, scratch.data());
+  }
+  scratch.resize(static_cast<size_t>((2 * D + dm.hi) * kW));
+  for (int64_t q0 = 0; q0 < Q; q0 += kW) {
+    const int nq = static_cast<int>(std::min<int64_t>(kW, Q - q0));
+    for (int i = 0; i < nq; ++i) {
+      qrows[i] = q + ((r * Q + q0 + i) * H + h) * D;
+      orows[i] = out + ((r * Q + q0 + i) * H + h) * D;
+    }
+    AttendLanes(dm, qrows, nq, kp, vp, bias + (q0 / kW) * dm.hi * kW, orows, scratch.data());
   }
 }
 
@@ -343,7 +390,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
       }
     }
   }
-  dm.ld = (dm.hi + kP - 1) / kP * kP;
+  dm.ld = (dm.hi + kW - 1) / kW * kW;
   const std::vector<float> bias = MaskBias(m, dm);
   // Tasks are (row, head) pairs claimed from a shared counter by this thread and by helpers on XLA's pool. The
   // caller never waits for a helper that has not started (on a VM a helper's core may be descheduled for
