@@ -1,14 +1,16 @@
 """A decoding step's attention over the KV cache as a CPU kernel (cpu_attention.cc), called through `jax.ffi`.
 
 XLA:CPU runs this attention as batched small matrix products on one thread (~3 GB/s of cache read on the 2-core
-Xeon of docs/benchmarks.md, about a quarter of the sampler's time at 16 tokens per step); the kernel keeps 8 queries x
-16 positions in registers and spreads the (row, head) pairs over XLA's intra-op threads.
+Xeon of docs/benchmarks.md, about a quarter of the sampler's time at 16 tokens per step). The kernel spreads the
+(row, head) pairs over XLA's intra-op threads; up to 4 queries per step it streams the key rows past score rows held in
+L1, with more it puts up to 16 queries in the lanes of one vector, so both products run as whole-vector FMAs on the
+cache read in place.
 
 The kernel is compiled on first use with the system's C++ compiler (`CXX`, else g++/c++/clang++) for this machine's
 CPU (-march=native) and cached under `$PAR_JAX_CACHE` (default ~/.cache/par_jax) by a hash of the source, the flags,
 the compiler, the jaxlib version and the CPU. Without a compiler (or if the build fails) `available()` is False with
 the reason in `unavailable_reason()`, and the sampler uses XLA's attention: same results, slower.
-Float32 only; the sampler uses it on the CPU backend with one device (decode.cpu_attention_default()).
+Float32 only; the sampler uses it on the CPU backend with one device (decode.default_attention).
 """
 
 from __future__ import annotations

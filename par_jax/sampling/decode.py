@@ -15,8 +15,8 @@ see docs/benchmarks.md):
   that both attention products stream along S (2x faster than (B, S, heads, head_dim); keys as (.., S, head_dim)
   were 10-35% slower for 4 to 16 queries);
 - on CPU in float32, attention over the cache by a C++ kernel (cpu_attention.py, `attention="cpu_kernel"`): XLA:CPU
-  runs it on one thread at ~3-7 GB/s, the kernel on every core at 8-15 GB/s (2x faster; the whole sampler
-  0.76-0.87x the time).
+  runs it on one thread at ~3-7 GB/s, the kernel on every core (2-3x faster at 4-16 queries; the whole sampler
+  0.83-0.93x the time).
 tests/test_sampler.py checks the result against the training forward at every position.
 """
 
@@ -70,7 +70,7 @@ def _cpu_kernel_unavailable(dtype, num_devices: int) -> str | None:
 def default_attention(dtype, num_devices: int) -> str:
     """"cpu_kernel" where it applies (CPU backend, float32, one device, kernel built), else "xla".
 
-    The kernel was 2x faster than XLA's attention at 2 to 16 queries per step on a 2-core Xeon
+    The kernel was 1.8-3x faster than XLA's attention at 1 to 16 queries per step on a 2-core Xeon
     (docs/benchmarks.md#sampling); with several devices the batch is sharded by XLA, which cannot split a custom call.
     """
     return "xla" if _cpu_kernel_unavailable(dtype, num_devices) else "cpu_kernel"
