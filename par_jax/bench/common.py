@@ -21,6 +21,23 @@ def machine() -> dict:
             "cpu": cpu, "cpu_count": os.cpu_count(), "jax": jax.__version__, "loadavg_start": loadavg()}
 
 
+# Memory bandwidth per chip in bytes/s (vendor figures), matched in order by case-insensitive substring of
+# `device.device_kind` (more specific names first: an "H100 PCIe" is not an SXM H100).
+DEVICE_BANDWIDTH = (
+    ("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
+    ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12),
+    ("TPU v6 lite", 1.64e12), ("TPU v5 lite", 0.819e12), ("TPU v5", 2.765e12), ("TPU v4", 1.2e12),
+)
+
+
+def table_bandwidth(device_kind: str) -> float | None:
+    """The vendor memory bandwidth (bytes/s) of a known accelerator; None for CPUs and unknown devices."""
+    for key, bandwidth in DEVICE_BANDWIDTH:
+        if key.lower() in device_kind.lower():
+            return bandwidth
+    return None
+
+
 def loadavg() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
