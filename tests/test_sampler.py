@@ -26,8 +26,8 @@ ATOL = 1e-4
 VOCAB, CLASSES, BATCH = 64, 10, 3
 
 
-def tiny_model(n=4, grid=(8, 8), seed=0, **overrides):
-    cfg = model_config("tiny", n=n, grid_shape=grid, vocab_size=VOCAB, num_classes=CLASSES, dtype="float32",
+def tiny_model(n=4, grid=(8, 8), seed=0, dtype="float32", **overrides):
+    cfg = model_config("tiny", n=n, grid_shape=grid, vocab_size=VOCAB, num_classes=CLASSES, dtype=dtype,
                        init_std=0.2, **overrides)
     model = ParTransformer(cfg, rngs=nnx.Rngs(seed))
     # The vocabulary head starts at zero (all logits equal); random weights make the parity check meaningful.
@@ -70,6 +70,28 @@ def test_teacher_forced_decoding_equals_training_forward(n, grid, guidance, atte
     assert got.shape == (BATCH, cfg.num_tokens, VOCAB)
     assert np.abs(want).max() > 1.0  # logits far from trivial
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 4, 16])
+def test_bfloat16_decoding_tracks_the_float32_forward(n):
+    # The accelerator default: bfloat16 compute (float32 parameters) and XLA's attention. Against the float32 forward
+    # of the same parameters, guided: observed mean error ~0.3% and max ~3% of the largest logit, 96-97% of argmaxes
+    # equal; a wrong mask, position or cache slot gives errors of the logits' own size.
+    model = tiny_model(n, (8, 8), dtype="bfloat16")
+    sampler = Sampler(model, SampleSettings(guidance=1.5), BATCH, teacher_forced=True)
+    assert sampler.plan.attention == "xla" and sampler.weights["layers"][0]["wo"][0].dtype == jnp.bfloat16
+    tokens = random_tokens(model.config)
+    got = np.asarray(sampler.score(tokens, LABELS))
+    f32 = tiny_model(n, (8, 8))
+    cond = forward_logits(f32, tokens, LABELS)
+    uncond = forward_logits(f32, tokens, np.full_like(LABELS, f32.config.null_class))
+    want = uncond + 1.5 * (cond - uncond)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).mean() < 0.01 * scale and np.abs(got - want).max() < 0.1 * scale
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+    tokens_out = np.asarray(Sampler(model, SampleSettings(guidance=1.5), BATCH)(LABELS, 0))
+    assert tokens_out.shape == (BATCH, model.config.num_tokens)
+    assert tokens_out.min() >= 0 and tokens_out.max() < VOCAB
 
 
 @pytest.mark.parametrize("overrides", [dict(order_kind="raster_multi"), dict(sequential_prefix=False),
