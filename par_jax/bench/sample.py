@@ -172,7 +172,7 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     }
     card = table_bandwidth(jax.devices()[0].device_kind)
     if card is not None:
-        row.update(device_bandwidth_GBps=card / 1e9, vs_device_bandwidth=steps * wbytes / per_batch / card)
+        row.update(device_bandwidth_GBps=card / 1e9, vs_device_bandwidth=row["weights_GBps"] * 1e9 / card)
     if base_times is not None:
         row.update(baseline_attention=baseline.plan.attention, baseline_s_per_batch=statistics.median(base_times),
                    baseline_s_per_batch_runs=base_times,

@@ -151,34 +151,31 @@ void ValueBlock(const float* const* prow, const float* v, int64_t S, int64_t hi,
   }
 }
 
+// acc[i][d] = sum_s p[i][s] * v[d][s] for the NQ <= kStreamedQueries queries: 4 value rows at a time (the next 4
+// prefetched while these are read), rows past a multiple of 4 one by one.
 template <int NQ>
-void ValueRows(const float* const* prow, int64_t q0, const float* v, int64_t S, int64_t hi, float* acc, int64_t D,
-               int64_t d0, int nd) {
-  const float* p[NQ];
-  float* o[NQ];
-  for (int i = 0; i < NQ; ++i) {
-    p[i] = prow[q0 + i];
-    o[i] = acc + (q0 + i) * D + d0;
-  }
-  if (nd == 4) return ValueBlock<NQ, 4>(p, v + d0 * S, S, hi, o, q0 == 0 && d0 + 8 <= D);
-  for (int j = 0; j < nd; ++j) {
-    for (int i = 0; i < NQ; ++i) o[i] = acc + (q0 + i) * D + d0 + j;
-    ValueBlock<NQ, 1>(p, v + (d0 + j) * S, S, hi, o, false);
+void ValueRows(const float* const* prow, const float* v, int64_t D, int64_t S, int64_t hi, float* acc) {
+  for (int64_t d0 = 0; d0 < D; d0 += 4) {
+    const int64_t nd = std::min<int64_t>(4, D - d0);
+    float* o[NQ];
+    for (int i = 0; i < NQ; ++i) o[i] = acc + i * D + d0;
+    if (nd == 4) {
+      ValueBlock<NQ, 4>(prow, v + d0 * S, S, hi, o, d0 + 8 <= D);
+      continue;
+    }
+    for (int64_t j = 0; j < nd; ++j) {
+      for (int i = 0; i < NQ; ++i) o[i] = acc + i * D + d0 + j;
+      ValueBlock<NQ, 1>(prow, v + (d0 + j) * S, S, hi, o, false);
+    }
   }
 }
 
-// acc[i][d] = sum_s p[i][s] * v[d][s]: 4 value rows at a time (they stay in L1 while every query block reads them).
 void Values(const float* const* prow, int64_t Q, const float* v, int64_t D, int64_t S, int64_t hi, float* acc) {
-  for (int64_t d0 = 0; d0 < D; d0 += 4) {
-    const int nd = static_cast<int>(std::min<int64_t>(4, D - d0));
-    int64_t q0 = 0;
-    for (; q0 + 4 <= Q; q0 += 4) ValueRows<4>(prow, q0, v, S, hi, acc, D, d0, nd);
-    switch (Q - q0) {
-      case 3: ValueRows<3>(prow, q0, v, S, hi, acc, D, d0, nd); break;
-      case 2: ValueRows<2>(prow, q0, v, S, hi, acc, D, d0, nd); break;
-      case 1: ValueRows<1>(prow, q0, v, S, hi, acc, D, d0, nd); break;
-      default: break;
-    }
+  switch (Q) {
+    case 1: return ValueRows<1>(prow, v, D, S, hi, acc);
+    case 2: return ValueRows<2>(prow, v, D, S, hi, acc);
+    case 3: return ValueRows<3>(prow, v, D, S, hi, acc);
+    default: return ValueRows<4>(prow, v, D, S, hi, acc);
   }
 }
 
