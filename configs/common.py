@@ -75,7 +75,7 @@ def par_config(arg: str = ""):
         records_per_shard=10_000, extract_workers=16,
     ))
 
-    # --- optimizer (PAR_SPEC section 10; par_jax.training.optim) ---
+    # --- optimizer (PAR_SPEC section 10; par_jax.core.optim) ---
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=PAPER_LR[a.size], b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.05,        # matrices and embeddings only, not norm gains
@@ -99,12 +99,12 @@ def par_config(arg: str = ""):
         peak_flops=0.0,           # per device, for MFU; 0 = vendor table for known accelerators, else measured
     ))
 
-    # --- device mesh (par_jax.training.mesh / sharding); -1 takes the remaining devices ---
+    # --- device mesh (par_jax.core.mesh / sharding); -1 takes the remaining devices ---
     config.mesh = ml_collections.ConfigDict(dict(
         data=1 if a.size in ("XXL", "3B") else -1,
         fsdp=-1 if a.size in ("XXL", "3B") else 1,  # shard parameters and optimizer state when they do not fit
         tensor=1,
-        # logical axis -> mesh axes ("" replicated, "data,fsdp" several); par_jax.training.sharding.DEFAULT_RULES
+        # logical axis -> mesh axes ("" replicated, "data,fsdp" several); par_jax.core.sharding.DEFAULT_RULES
         rules=dict(batch="data,fsdp", layers="", vocab="tensor", embed="fsdp", classes="", heads="tensor",
                    head_dim="", mlp="tensor", norm=""),
     ))

@@ -4,7 +4,7 @@ r"""Convert released PyTorch weights (PAR, LlamaGen, the VQ-16 tokenizer) into p
       --output=checkpoints/par_xl_4x
   python -m par_jax.convert --kind=vq --input=vq_ds16_c2i.pt --output=checkpoints/vq16
 
-The GPT output is a params-only checkpoint (`par_jax.training.checkpoint.save_params`) that sampling, evaluation and
+The GPT output is a params-only checkpoint (`par_jax.model.checkpoint.save_params`) that sampling, evaluation and
 further training restore directly (e.g. --config.sample.checkpoint=checkpoints/par_xl_4x); the tokenizer output is
 what `par_jax.tokenizer.load` reads. The weights must fit the config: every misfit is listed in one error. `.pt`
 files need the optional PyTorch extra (`pip install -e ".[torch]"`); `.safetensors` files do not. Conversion runs on
@@ -44,7 +44,7 @@ def _check_output(output) -> None:
 def convert_gpt(input_path: str, model_cfg, output: str, *, key=None, trust_pickle: bool = False):
     """Read a PyTorch GPT checkpoint, convert it for `model_cfg` and write a params-only checkpoint to `output`."""
     from par_jax.conversion import gpt, io  # noqa: PLC0415 (jax-heavy imports after flag parsing)
-    from par_jax.training import checkpoint  # noqa: PLC0415
+    from par_jax.model import checkpoint  # noqa: PLC0415
 
     _check_output(output)
     start = time.time()
@@ -54,7 +54,7 @@ def convert_gpt(input_path: str, model_cfg, output: str, *, key=None, trust_pick
     del sd
     logging.info("converted in %.1fs; writing %s", time.time() - start, output)
     checkpoint.save_params(output, model)
-    logging.info("done in %.1fs: %s (restore with par_jax.training.checkpoint.load_params)", time.time() - start,
+    logging.info("done in %.1fs: %s (restore with par_jax.model.checkpoint.load_params)", time.time() - start,
                  output)
     return model
 
@@ -62,7 +62,7 @@ def convert_gpt(input_path: str, model_cfg, output: str, *, key=None, trust_pick
 def convert_vq(input_path: str, vq_cfg, output: str, *, key=None, trust_pickle: bool = False):
     """Read a PyTorch VQ tokenizer checkpoint, convert it for `vq_cfg` and save it for `par_jax.tokenizer.load`."""
     from par_jax.conversion import io, vq  # noqa: PLC0415
-    from par_jax.training import checkpoint  # noqa: PLC0415
+    from par_jax.core import checkpoint  # noqa: PLC0415
 
     _check_output(output)
     start = time.time()

@@ -38,8 +38,9 @@ def main(argv):
     config = _CONFIG.value
     if config is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required.")
-    from par_jax import distributed  # noqa: PLC0415 (after flags: initialises multi-host JAX before any device use)
+    from par_jax.core import checkpoint, distributed  # noqa: PLC0415 (after flags: multi-host JAX starts before any device use)
     distributed.initialize()
+    checkpoint.quiet_orbax_logs()  # the process's log policy is the entry point's to set, not the library's
     job = _JOB.value or config.get("job", "train")
     workdir = _WORKDIR.value
     if "://" not in workdir:  # orbax and friends want absolute local paths; a relative --workdir is the cwd's

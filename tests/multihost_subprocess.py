@@ -32,7 +32,7 @@ def config_with(overrides):
 
 def reference(out, num_processes, overrides):
     from par_jax.data import pipeline
-    from par_jax.training import mesh as mesh_lib, optim, train
+    from par_jax.core import mesh as mesh_lib, optim, train
 
     config = config_with(overrides)
     tc = config.train

@@ -6,7 +6,7 @@ from ml_collections import config_flags
 
 from configs import common
 from par_jax.model import from_config_dict
-from par_jax.training import sharding
+from par_jax.core import sharding
 
 
 def _parse(*argv):

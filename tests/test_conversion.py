@@ -427,7 +427,7 @@ def _run_convert(*args):
 
 
 def test_convert_cli_writes_a_checkpoint_that_load_params_restores(tmp_path):
-    from par_jax.training import checkpoint
+    from par_jax.model import checkpoint
 
     # configs/par.py at size=tiny, res=64: 4x4 tokens, the release's vocabulary and classes.
     sd = random_gpt_state_dict(4, layers=2, dim=64, hidden=256, vocab=16384, classes=1000, n=4)

@@ -463,7 +463,7 @@ def test_evaluate_job_samples_a_checkpoint_end_to_end(tmp_path, small_classifier
     from par_jax.evaluation import evaluators, job
     from par_jax.model import ParTransformer, model_config
     from par_jax.tokenizer import train as tokenizer_train
-    from par_jax.training import checkpoint
+    from par_jax.model import checkpoint
 
     vq_cfg = tokenizer_lib.vq_config("fmnist", base_channels=8, z_channels=8, codebook_size=64, num_groups=4,
                                      num_res_blocks=1, attn_levels=())

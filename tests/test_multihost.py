@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from par_jax import distributed
-from par_jax.training import checkpoint
+from par_jax.core import distributed
+from par_jax.model import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, "tests", "multihost_subprocess.py")

@@ -250,7 +250,7 @@ def _sample_config(**sample):
 
 
 def test_cli_writes_npz_and_png_from_a_checkpoint(model4, tmp_path):
-    from par_jax.training.checkpoint import save_params
+    from par_jax.model.checkpoint import save_params
     save_params(tmp_path / "ckpt", model4)
     config = _sample_config(checkpoint=os.fspath(tmp_path / "ckpt"), labels="2,3")
     out = cli.run(config, os.fspath(tmp_path / "work"))

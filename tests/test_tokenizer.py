@@ -365,7 +365,7 @@ def test_bad_input_gives_clear_errors(model, tmp_path):
     with pytest.raises(ValueError, match="codebook dimension is 4"):
         model.quantize(jnp.zeros((1, 8, 8, 3)))
     # ...and a checkpoint loaded into a config with another codebook_dim.
-    from par_jax.training import checkpoint as ckpt_lib
+    from par_jax.core import checkpoint as ckpt_lib
     ckpt_lib.save_params(tmp_path / "tok", model)
     with pytest.raises(ValueError, match=r"codebook_dim: checkpoint 4 vs requested 8"):
         tokenizer.load(tmp_path / "tok", tiny(codebook_dim=8))

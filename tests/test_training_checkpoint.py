@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from par_jax.model import ParTransformer, model_config
-from par_jax.training import checkpoint
+from par_jax.model import checkpoint
 
 CFG = model_config("tiny", grid_shape=(4, 4), n=4, vocab_size=32, num_classes=10, dtype="float32")
 

@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import common
 from par_jax.model import ParTransformer, model_config
-from par_jax.training import evaluators, flops, mesh as mesh_lib, optim, sharding
+from par_jax.core import mesh as mesh_lib, optim, sharding
+from par_jax.training import evaluators, flops
 
 OPT = common.par_config("size=B").optimizer
 

@@ -42,7 +42,7 @@ def tiny_config(overrides=()):
 
 def meshes(out_dir):
     from par_jax.data import pipeline
-    from par_jax.training import mesh as mesh_lib, optim, train
+    from par_jax.core import mesh as mesh_lib, optim, train
 
     base = tiny_config()
     base.optimizer.ema_decay = 0.9  # EMA weights are sharded and compared too

@@ -23,7 +23,8 @@ import numpy as np
 
 from configs import common
 from par_jax.bench.common import machine
-from par_jax.training import flops, mesh as mesh_lib, optim, train
+from par_jax.core import mesh as mesh_lib, optim
+from par_jax.training import flops, train
 
 
 def bench_size(size: str, batch: int, args, probe: flops.MatmulProbe | None) -> dict:

@@ -29,7 +29,7 @@ from etils import epath
 from flax import nnx
 
 from par_jax.data import sources
-from par_jax.training import checkpoint
+from par_jax.core import checkpoint
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10

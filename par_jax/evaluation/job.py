@@ -26,6 +26,7 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
+from par_jax.core import checkpoint
 from par_jax.evaluation import evaluators, features as features_lib, npz
 from par_jax.utils import images as image_utils
 
@@ -41,18 +42,6 @@ def _git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _checkpoint_dir(path: epath.Path) -> tuple[epath.Path, int, str]:
-    """(directory restored, step (-1 when unknown), item "ema" | "params") for a workdir or a checkpoint dir."""
-    from par_jax.training import checkpoint  # noqa: PLC0415
-
-    step_dir = path if (path / "model_config").exists() else checkpoint.latest_step_dir(path)
-    if step_dir is None:
-        raise FileNotFoundError(f"no checkpoint to evaluate in {path}: set --config.eval.checkpoint to a training "
-                                f"workdir or a params-only checkpoint (or --config.eval.samples to a .npz).")
-    step = int(step_dir.name) if step_dir.name.isdigit() else -1
-    return step_dir, step, "ema" if (step_dir / "ema").exists() else "params"
 
 
 def _plain(value: Any) -> Any:
@@ -99,7 +88,10 @@ def run(config, workdir: str) -> dict[str, Any]:
         if not os.path.exists(ec.samples):
             raise FileNotFoundError(f"config.eval.samples={ec.samples!r} does not exist.")
     else:
-        step_dir, step, item = _checkpoint_dir(epath.Path(ec.checkpoint or config.sample.checkpoint or workdir))
+        step_dir, step, item = checkpoint.resolve(
+            ec.checkpoint or config.sample.checkpoint or workdir,
+            what="checkpoint to evaluate (set --config.eval.checkpoint to a training workdir or a params-only "
+                 "checkpoint, or --config.eval.samples to a .npz)")
         tokenizer_path = evaluators.tokenizer_path(config)
         if not epath.Path(tokenizer_path).exists():
             raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist.")
@@ -132,9 +124,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         out_dir = epath.Path(workdir) / "eval" / out_name
     else:
         from par_jax import sampling, tokenizer as tokenizer_lib  # noqa: PLC0415
-        from par_jax.training import checkpoint  # noqa: PLC0415
+        from par_jax.model import checkpoint as model_ckpt  # noqa: PLC0415
 
-        model = checkpoint.restore_model(step_dir)
+        model = model_ckpt.load_params(step_dir, item=item)
         tokenizer = tokenizer_lib.load(tokenizer_path)
         sample_settings = sampling.SampleSettings.from_config(config.sample)
         labels = evaluators.make_labels(int(ec.num_samples), model.config.num_classes, ec.labels, int(ec.seed))

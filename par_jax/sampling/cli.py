@@ -82,7 +82,7 @@ def run(config, workdir: str, *, model=None, tokenizer=None) -> dict:
                          f"{sc.batch_size}.")
     wanted = from_config_dict(config.model)
     if model is None:
-        from par_jax.training.checkpoint import restore_model  # noqa: PLC0415
+        from par_jax.model.checkpoint import restore_model  # noqa: PLC0415
         model = restore_model(sc.checkpoint or workdir, wanted)
     elif model.config.grid_shape != wanted.grid_shape or model.config.n != wanted.n:
         raise ValueError(f"the model was built for grid {model.config.grid_shape} with n={model.config.n}, but "

@@ -27,16 +27,8 @@ RUNTIME_FIELDS = frozenset({"dtype", "dropout", "image_size"})
 
 
 def _checkpoint_dir(path) -> epath.Path:
-    from par_jax.training import checkpoint as ckpt_lib  # noqa: PLC0415
-    path = ckpt_lib.as_path(path)
-    if (path / "model_config").exists():
-        return path
-    step_dir = ckpt_lib.latest_step_dir(path)
-    if step_dir is None:
-        raise FileNotFoundError(f"no tokenizer checkpoint in {path}: expected a directory with params/ and "
-                                f"model_config/ (an export such as WORKDIR/tokenizer, or one training step) or a "
-                                f"train_tokenizer workdir with checkpoints/<step>/.")
-    return step_dir
+    from par_jax.core import checkpoint as ckpt_lib  # noqa: PLC0415
+    return ckpt_lib.resolve(path, prefer_ema=False, what="tokenizer checkpoint").directory
 
 
 def read_config(path) -> VQConfig:

@@ -18,8 +18,8 @@ from flax import nnx
 
 from par_jax import tokenizer as tokenizer_lib
 from par_jax.tokenizer import train
-from par_jax.training import mesh as mesh_lib
-from par_jax.training import sharding as sharding_lib
+from par_jax.core import mesh as mesh_lib
+from par_jax.core import sharding as sharding_lib
 from par_jax.utils import images as images_lib
 
 OUT_DIR = "eval_tokenizer"

@@ -42,10 +42,10 @@ from par_jax.data import sources as sources_lib
 from par_jax.data import views as views_lib
 from par_jax.tokenizer import losses as losses_lib
 from par_jax.tokenizer import vq
-from par_jax.training import checkpoint as ckpt_lib
-from par_jax.training import mesh as mesh_lib
-from par_jax.training import optim
-from par_jax.training import sharding as sharding_lib
+from par_jax.core import checkpoint as ckpt_lib
+from par_jax.core import mesh as mesh_lib
+from par_jax.core import optim
+from par_jax.core import sharding as sharding_lib
 from par_jax.utils import images as images_lib
 
 TRAIN_VIEWS = ("pad", "resize", "center", "random_crop")

@@ -31,8 +31,8 @@ import numpy as np
 from flax import nnx
 
 from par_jax.model import ModelConfig, ParTransformer, from_config_dict
-from par_jax.training import mesh as mesh_lib
-from par_jax.training import sharding as sharding_lib
+from par_jax.core import mesh as mesh_lib
+from par_jax.core import sharding as sharding_lib
 
 GiB = 2**30
 
@@ -245,7 +245,8 @@ _OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\)")
 def compiled(config, acc: Accelerator, devices: Optional[list] = None) -> MemoryReport:
     """Compile the real train step (par_jax.training.train) for `acc`'s devices and read XLA's memory analysis.
     A program too big for the device fails to compile; the report then carries XLA's figure for the temporaries."""
-    from par_jax.training import optim, train  # noqa: PLC0415 (the train loop pulls in the input pipeline)
+    from par_jax.core import optim
+    from par_jax.training import train  # noqa: PLC0415 (the train loop pulls in the input pipeline)
     devices = target_devices(acc) if devices is None else devices
     mesh = mesh_lib.create_mesh(config.mesh, devices=devices)
     trainer = train.make_trainer(config, mesh, optim.learning_rate_schedule(config.optimizer, 1000, 10))

@@ -32,12 +32,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from par_jax.data import pipeline
 from par_jax.model import ModelConfig, ParTransformer, from_config_dict
-from par_jax.training import checkpoint
+from par_jax.core import checkpoint
 from par_jax.training import evaluators as evaluators_lib
 from par_jax.training import flops as flops_lib
-from par_jax.training import mesh as mesh_lib
-from par_jax.training import optim
-from par_jax.training import sharding
+from par_jax.core import mesh as mesh_lib
+from par_jax.core import optim
+from par_jax.core import sharding
 
 
 class NonFiniteLossError(FloatingPointError):

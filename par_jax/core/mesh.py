@@ -2,7 +2,7 @@
 
 `data` replicates parameters and splits the batch; `fsdp` splits the batch and shards parameters (and optimizer
 state) over their `embed` axis; `tensor` shards heads, MLP hidden units and the vocabulary. Which logical parameter
-axis goes to which mesh axis is decided by the rules in `par_jax.training.sharding`, not here.
+axis goes to which mesh axis is decided by the rules in `par_jax.core.sharding`, not here.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import jax
 import optax
 
-from par_jax.training import sharding
+from par_jax.core import sharding
 
 SCHEDULES = ("cosine", "constant")
 

@@ -15,7 +15,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from par_jax.training import mesh as mesh_lib
+from par_jax.core import mesh as mesh_lib
 
 # FSDP over `embed` plus tensor parallelism over heads / MLP / vocabulary (the MaxText layout). Values are mesh
 # axes; "" means replicated; several axes are comma-separated ("data,fsdp").
