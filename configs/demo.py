@@ -12,12 +12,15 @@ Any field can be overridden, e.g. --config.par.train.num_steps=3000 --config.tok
 
 import ml_collections
 
-from configs import common
-from configs import vq as vq_configs
+from par_jax.core import config_args
+
+# The demo builds on the two experiment configs beside it, loaded by path (any working directory will do).
+par_configs = config_args.sibling(__file__, "par.py")
+vq_configs = config_args.sibling(__file__, "vq.py")
 
 
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, quick=False)
+    a = config_args.parse_arg(arg, quick=False)
     config = ml_collections.ConfigDict()
     config.arg = arg or ""
     config.job = "demo"
@@ -35,7 +38,7 @@ def get_config(arg: str = ""):
     config.tokenizer.optimizer.warmup_steps = 50
 
     # 2-5. The decoder, its data, sampling and evaluation: the PAR experiment config, made small.
-    par = common.par_config("size=small,n=4,runlocal")
+    par = par_configs.get_config("size=small,n=4,runlocal")
     vq = config.tokenizer.tokenizer
     tokens_per_side = vq.image_size // 2 ** (len(vq.channel_mult) - 1)
     # Unscanned layers: 20% faster steps on XLA:CPU for a 4-layer model (0.65 vs 0.81 s at batch 64, 2 idle cores).

@@ -25,7 +25,7 @@ import dataclasses
 
 import ml_collections
 
-from configs import common
+from par_jax.core import config_args
 from par_jax.tokenizer import vq
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -39,9 +39,9 @@ def _tokenizer_section(name: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = ""):
-    a = common.parse_arg(arg, vq16=False, fmnist=False, res=256, runlocal=False)
+    a = config_args.parse_arg(arg, vq16=False, fmnist=False, res=256, runlocal=False)
     if a.vq16 and a.fmnist:
-        raise ValueError("choose one of vq16 and fmnist.")
+        raise config_args.UsageError("config arguments vq16 and fmnist exclude each other; choose one.")
     name = "fmnist" if a.fmnist else "vq16"
 
     config = ml_collections.ConfigDict()

@@ -18,11 +18,11 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from configs import common  # noqa: E402
+from configs import par  # noqa: E402
 
 
 def config_with(overrides):
-    config = common.par_config("runlocal")
+    config = par.get_config("runlocal")
     argv = ["prog", *overrides]
     fv = flags.FlagValues()
     holder = config_flags.DEFINE_config_dict("config", config, flag_values=fv, sys_argv=argv)

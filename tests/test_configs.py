@@ -4,7 +4,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import common
+from configs import par
 from par_jax.model import from_config_dict
 from par_jax.core import sharding
 
@@ -19,19 +19,19 @@ def _parse(*argv):
 
 
 def test_paper_recipe_defaults():
-    config = common.par_config("size=XL,n=4")
+    config = par.get_config("size=XL,n=4")
     assert config.model.size == "XL" and config.model.grid_shape == (24, 24) and config.model.dtype == "bfloat16"
     assert config.model.attn_dropout == 0.1
     opt = config.optimizer
     assert (opt.lr, opt.b1, opt.b2, opt.weight_decay, opt.grad_clip) == (1e-4, 0.9, 0.95, 0.05, 1.0)
     assert (opt.schedule, opt.warmup_epochs) == ("cosine", 15.0)
     assert (config.train.batch_size, config.train.num_epochs) == (256, 300.0)
-    assert common.par_config("size=3B").optimizer.lr == 2e-4 and common.par_config("size=3B").train.batch_size == 512
-    assert common.par_config("res=256").model.grid_shape == (16, 16)
+    assert par.get_config("size=3B").optimizer.lr == 2e-4 and par.get_config("size=3B").train.batch_size == 512
+    assert par.get_config("res=256").model.grid_shape == (16, 16)
 
 
 def test_release_recipe_is_one_argument_away():
-    paper, release = common.par_config("size=L"), common.par_config("size=L,recipe=release")
+    paper, release = par.get_config("size=L"), par.get_config("size=L,recipe=release")
     assert (release.optimizer.schedule, release.optimizer.warmup_epochs, release.model.attn_dropout) == (
         "constant", 0.0, 0.0)
     # Everything else is the same experiment.
@@ -41,26 +41,26 @@ def test_release_recipe_is_one_argument_away():
 
 
 def test_runlocal_is_small_float32_on_synthetic_codes():
-    config = common.par_config("runlocal")
+    config = par.get_config("runlocal")
     assert (config.model.size, config.model.dtype, config.data.source) == ("tiny", "float32", "synthetic")
     assert config.model.grid_shape == (8, 8) and config.train.num_steps > 0 and config.train.batch_size <= 32
-    assert common.par_config("runlocal,size=small").model.size == "small"  # explicit arguments still win
+    assert par.get_config("runlocal,size=small").model.size == "small"  # explicit arguments still win
     from_config_dict(config.model)  # a valid ModelConfig
 
 
 def test_every_size_builds_a_model_config():
     for size in ("tiny", "small", "B", "L", "XL", "XXL", "3B"):
-        cfg = from_config_dict(common.par_config(f"size={size}").model)
+        cfg = from_config_dict(par.get_config(f"size={size}").model)
         assert cfg.grid_shape == (24, 24) and cfg.n == 4
 
 
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="unknown config argument 'sise'"):
-        common.par_config("sise=L")
+        par.get_config("sise=L")
     with pytest.raises(ValueError, match="unknown recipe 'paperr'"):
-        common.par_config("recipe=paperr")
+        par.get_config("recipe=paperr")
     with pytest.raises(ValueError):
-        common.par_config("n=four")
+        par.get_config("n=four")
 
 
 def test_command_line_overrides_parse_with_types():
@@ -89,6 +89,6 @@ def test_command_line_overrides_reject_unknown_or_mistyped_fields(flag, error, m
 
 
 def test_config_mesh_rules_are_the_sharding_defaults():
-    config = common.par_config("")
+    config = par.get_config("")
     assert config.mesh.rules.to_dict() == sharding.DEFAULT_RULES
     assert sharding.rules_from_config(config.mesh.rules) == sharding.rules_from_config()

@@ -14,7 +14,7 @@ from etils import epath
 from flax import nnx
 from PIL import Image
 
-from configs import common
+from configs import par
 from par_jax.data import codes as codes_lib
 from par_jax.data import extract, pipeline, sources, views
 
@@ -251,7 +251,7 @@ def identity_records(count, num_views, num_classes=7):
 
 
 def make_config(codes_dir="", **data):
-    config = common.par_config("size=tiny,runlocal")
+    config = par.get_config("size=tiny,runlocal")
     config.model.grid_shape, config.model.vocab_size, config.model.num_classes = (2, 2), 64, 7
     config.data.source = "codes"
     config.data.codes_dir = str(codes_dir)

@@ -405,8 +405,8 @@ def test_labels_uniform_and_balanced():
 
 
 def _eval_config(**overrides):
-    from configs import common
-    config = common.par_config("runlocal")
+    from configs import par
+    config = par.get_config("runlocal")
     config.eval.update(overrides)
     return config
 

@@ -11,7 +11,7 @@ import jax
 import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
-from configs import common
+from configs import par
 from par_jax.model import count_params, model_config
 from par_jax.training import memory, sharding
 
@@ -72,7 +72,7 @@ def test_sharded_parameters_match_jax_shard_shapes(mesh):
 
 
 def _tiny(remat):
-    config = common.par_config("runlocal")
+    config = par.get_config("runlocal")
     config.model.update(grid_shape=(8, 8), remat=remat)
     config.train.update(batch_size=16, grad_accum_steps=1)
     config.mesh.update(data=1, fsdp=1, tensor=1)
@@ -105,7 +105,7 @@ def test_remat_lowers_activation_memory_in_both_methods(compiled_on_cpu):
 
 
 def test_paper_sizes_report_in_gib_with_the_method_named():
-    config = common.par_config("size=XXL")
+    config = par.get_config("size=XXL")
     config.model.remat = "full"
     r = memory.check(config, "v5p-64", "estimate")
     assert (r.global_batch, r.device_batch, r.mesh) == (512, 16, {"data": 1, "fsdp": 32, "tensor": 1})

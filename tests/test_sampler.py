@@ -242,8 +242,8 @@ def test_bad_inputs_are_clear_errors(model4):
 
 
 def _sample_config(**sample):
-    from configs import common
-    config = common.par_config("runlocal,size=tiny,n=4,res=128")
+    from configs import par
+    config = par.get_config("runlocal,size=tiny,n=4,res=128")
     config.model.update(vocab_size=VOCAB, num_classes=CLASSES, grid_shape=(8, 8), init_std=0.2)
     config.sample.update(num_images=6, batch_size=4, guidance=1.5, **sample)
     return config
@@ -311,8 +311,8 @@ def test_batch_sharded_over_eight_devices(model4):
 
 
 def test_sample_folder_names_every_setting_that_changes_samples():
-    from configs import common
-    sc = common.par_config("size=tiny,n=4,runlocal").sample
+    from configs import par
+    sc = par.get_config("size=tiny,n=4,runlocal").sample
     cfg = model_config("tiny", n=4, grid_shape=(8, 8))
     base = cli._run_name(sc, cfg)
     names = {base}

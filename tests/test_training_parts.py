@@ -9,12 +9,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs import common
+from configs import par
 from par_jax.model import ParTransformer, model_config
 from par_jax.core import mesh as mesh_lib, optim, sharding
 from par_jax.training import evaluators, flops
 
-OPT = common.par_config("size=B").optimizer
+OPT = par.get_config("size=B").optimizer
 
 
 def _specs(cfg):
@@ -167,7 +167,7 @@ _scaled_seed.validate = _check_positive
 
 
 def test_evaluators_resolve_validate_and_run():
-    config = common.par_config("runlocal")
+    config = par.get_config("runlocal")
     evaluators.REGISTRY["test_seed"] = f"{__name__}:_scaled_seed"
     try:
         config.evals = {"test_seed": {"every_steps": 10, "scale": 3.0},

@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from configs import common  # noqa: E402
+from configs import par  # noqa: E402
 
 # The tests' model: tiny, a 4x4 grid with n=4 (4 sequential tokens + 3 parallel steps), 64 codes, 4 classes.
 TINY = dict(grid_shape=(4, 4), vocab_size=64, num_classes=4)
@@ -25,7 +25,7 @@ TINY = dict(grid_shape=(4, 4), vocab_size=64, num_classes=4)
 
 def tiny_config(overrides=()):
     """configs/par.py:runlocal shrunk further, then command-line style overrides ("--config.a.b=v")."""
-    config = common.par_config("runlocal")
+    config = par.get_config("runlocal")
     config.model.update(TINY)
     config.data.update(synthetic_count=256, read_threads=1, prefetch=4)
     config.train.update(batch_size=8, num_steps=30, log_every_steps=5, checkpoint_every_steps=10)
