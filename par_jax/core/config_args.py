@@ -130,7 +130,7 @@ def last_override_wins(argv: Sequence[str], name: str = "config") -> list[str]:
 
 def _config_paths(fv: flags.FlagValues, argv: Sequence[str]) -> list[tuple[str, str]]:
     """(flag name, file path) of every config-file flag given in argv."""
-    from ml_collections import config_flags  # noqa: PLC0415
+    from ml_collections.config_flags import config_flags  # noqa: PLC0415
 
     names = [n for n in fv if config_flags.is_config_flag(fv[n])]
     out = []
@@ -161,13 +161,24 @@ def _from_config_path(e: BaseException) -> bool:
                for f in traceback.extract_tb(e.__traceback__))
 
 
+def _unknown_field(e: BaseException, argv: Sequence[str]) -> str:
+    """'--config.optimizer.lrr: no such config field; did you mean "lr"?' from ml_collections' KeyError."""
+    text = str(e)
+    found = re.search(r"[\"']+([^\"'\\]+)", text)
+    key = found.group(1) if found else "?"
+    hint = re.search(r'Did you mean \\?"([^"\\]+)', text)
+    flag = next((a.split("=", 1)[0] for a in argv if a.startswith("-") and "." in a
+                 and key in a.split("=", 1)[0].split(".")[1:]), key)
+    return f"{flag}: no such config field" + (f'; did you mean "{hint.group(1)}"?' if hint else ".")
+
+
 def parse_flags(argv: Sequence[str] | None, define: Callable[[flags.FlagValues, list[str]], None], *,
-                doc: str | None = None, positional: bool = False) -> flags.FlagValues:
+                doc: str | None = None) -> flags.FlagValues:
     """Define a command's flags with `define(fv, argv)` on a new registry and parse `argv` (program name first).
 
     Strict: an unknown flag, a bad value, a missing required flag, a missing config file, a bad config argument or
-    an unknown config field is a UsageError with a short message. `--help` prints `doc` and the flags. Leftover
-    positional arguments are an error unless `positional` (then they are `fv.positional`).
+    an unknown config field is a UsageError with a short message, and so is a positional argument. `--help` prints
+    `doc` and the flags.
     """
     argv = list(sys.argv if argv is None else argv)
     argv = last_override_wins(argv)
@@ -185,23 +196,19 @@ def parse_flags(argv: Sequence[str] | None, define: Callable[[flags.FlagValues, 
     except flags.Error as e:
         user = _innermost(e, UsageError)
         if user is not None:
-            raise UsageError(str(user.args[0]) if user.args else str(user)) from None
-        cause = _innermost(e, Exception)
-        if cause is not e and not isinstance(cause, flags.Error):
-            raise cause  # a config file that crashed: its own traceback, not config_flags' escaped copy
-        message = str(e).replace("Flag --", "--")
-        if "must have a value other than None" in message:
-            message = f"{message.split('=')[0].removeprefix('flag ')} is required."
-        raise UsageError(message) from None
+            raise UsageError(message(user)) from None
+        if "Error whilst parsing config file" in str(e):
+            raise _innermost(e, Exception)  # a config file that crashed: its own traceback, not an escaped copy
+        text = str(e).replace("Flag --", "--").removeprefix("flag ")
+        if "must have a value other than None" in text:
+            text = f"{text.split('=')[0].removeprefix('flag ')} is required."
+        raise UsageError(text) from None
     except (KeyError, AttributeError) as e:
         if not _from_config_path(e):
             raise
-        text = str(e.args[0] if e.args else e).replace("\\n", " ").replace('\\"', '"').replace("\n", " ")
-        text = text.strip("'\" ")
-        raise UsageError(f"unknown config field: {text}") from None
-    if len(rest) > 1 and not positional:
+        raise UsageError(_unknown_field(e, argv)) from None
+    if len(rest) > 1:
         raise UsageError(f"unexpected argument(s) {' '.join(rest[1:])!r}; flags are written --name=value.")
-    fv.positional = rest[1:]
     return fv
 
 
