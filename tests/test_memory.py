@@ -13,7 +13,8 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
 from configs import par
 from par_jax.model import count_params, model_config
-from par_jax.training import memory, sharding
+from par_jax.core import sharding
+from par_jax.training import memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
@@ -62,7 +63,7 @@ def test_sharded_parameters_match_jax_shard_shapes(mesh):
     want = 0
     for path, (full, dtype, _) in memory.shard_factors(cfg, shape, RULES).items():
         names = dict(memory._flat(sharding.logical_specs(memory._abstract_model(cfg)[1]),
-                                  is_leaf=sharding._is_spec))[path]
+                                  is_leaf=sharding.is_logical_names))[path]
         spec = sharding.logical_to_mesh(names, full, abstract_mesh, RULES)
         want += math.prod(NamedSharding(abstract_mesh, spec).shard_shape(full)) * 4
     assert r.parts["params"] == want
@@ -114,18 +115,48 @@ def test_paper_sizes_report_in_gib_with_the_method_named():
     assert "estimate" in line and "v5p-64" in line and "fits" in line
 
 
-def test_command_line():
-    proc = subprocess.run([sys.executable, "-m", "par_jax.training.memory", "--config=configs/par.py:size=XL",
+def test_command_line(tmp_path):
+    # From another directory, the config given by path; a mistyped accelerator is a short error with status 2.
+    config = f"--config={REPO}/configs/par.py:size=XL"
+    proc = subprocess.run([sys.executable, "-m", "par_jax.training.memory", config,
                            "--accelerator=v5p-32,h100-80gb-x16", "--method=estimate"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("XL on v5p-32") and lines[1].startswith("XL on h100-80gb-x16")
     assert all("[estimate;" in line for line in lines)
+    proc = subprocess.run([sys.executable, "-m", "par_jax.training.memory", config, "--accelerator=v9-8"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown accelerator 'v9-8'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_table_builds_each_size_from_the_given_config_file(capsys):
+    module = par
+    rows = memory.table(lambda size: module.get_config(f"size={size},res=256"), methods=("estimate",),
+                        remats=("full",), rows=(("XL", 16),), log=lambda line: None)
+    (row,) = rows
+    assert (row["size"], row["devices"], row["batch"], row["remat"]) == ("XL", 16, 256, "full")
+    assert row["mesh"] == {"data": 16, "fsdp": 1, "tensor": 1} and 0 < row["estimate"]["gib"] < 95
+    assert "PAR-XL | 16 | 256 (16)" in memory.markdown(rows)
+
+
+def test_offline_tpu_compile_needs_its_environment_set_by_the_caller(monkeypatch):
+    """The library reads, never writes, the libtpu environment (the command line sets it before any TPU use)."""
+    acc = memory.accelerator("v5p-8")
+    env = memory.offline_tpu_env(acc)
+    assert env == {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost"}
+    for var in env:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(memory, "tpu_compiler_available", lambda: True)
+    with pytest.raises(RuntimeError, match="TPU_ACCELERATOR_TYPE, TPU_SKIP_MDS_QUERY, TPU_WORKER_HOSTNAMES"):
+        memory.target_devices(acc)
+    assert not set(env) & set(os.environ)
 
 
 @pytest.mark.skipif(not memory.tpu_compiler_available(), reason="libtpu not installed (pip install 'jax[tpu]')")
-def test_compiles_offline_for_a_tpu_topology():
+def test_compiles_offline_for_a_tpu_topology(monkeypatch):
+    for var, value in memory.offline_tpu_env(memory.accelerator("v5p-8")).items():
+        monkeypatch.setenv(var, value)
     config = _tiny("none")
     config.mesh.update(data=-1)
     r = memory.check(config, "v5p-8", "auto")

@@ -12,7 +12,11 @@ Two methods, and every report says which one it used:
             figures where both exist (docs/tpu.md); it assumes activations split along the batch axes.
 
   python -m par_jax.training.memory --config=configs/par.py:size=XL --accelerator=v5p-64 [--method=estimate]
-  python -m par_jax.training.memory --table          # the table in docs/tpu.md (XL, XXL, 3B at paper batch sizes)
+  python -m par_jax.training.memory --config=configs/par.py --table   # docs/tpu.md's table (XL, XXL, 3B)
+
+Compiling for a TPU topology on a machine that is not a TPU VM needs `offline_tpu_env(acc)` in the environment
+before the first TPU use (else libtpu probes the GCE metadata server and the TPU driver); the command line sets it
+before it touches a device; library callers set it themselves (the library functions never write os.environ).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from par_jax.model import ModelConfig, ParTransformer, from_config_dict
@@ -133,7 +136,7 @@ def shard_factors(cfg: ModelConfig, mesh_shape: Mapping[str, int], rules) -> dic
     mesh = jax.sharding.AbstractMesh(tuple(mesh_shape[a] for a in mesh_lib.AXES), mesh_lib.AXES,
                                      axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_lib.AXES))
     out = {}
-    for (path, x), (_, names) in zip(_flat(nnx.to_pure_dict(params)), _flat(specs, is_leaf=sharding_lib._is_spec)):
+    for (path, x), (_, names) in zip(_flat(nnx.to_pure_dict(params)), _flat(specs, is_leaf=sharding_lib.is_logical_names)):
         spec = sharding_lib.logical_to_mesh(names, x.shape, mesh, rules)
         axes = [a for s in spec if s for a in ((s,) if isinstance(s, str) else s)]
         out[path] = (x.shape, x.dtype, math.prod(mesh_shape[a] for a in axes))
@@ -142,10 +145,6 @@ def shard_factors(cfg: ModelConfig, mesh_shape: Mapping[str, int], rules) -> dic
 
 def _flat(tree, is_leaf=None):
     return [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
-
-
-def _nbytes(x) -> int:
-    return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
 
 
 @functools.lru_cache(maxsize=16)
@@ -219,16 +218,23 @@ def tpu_compiler_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def offline_tpu_env(acc: Accelerator) -> dict[str, str]:
+    """The environment libtpu needs to compile for `acc` on a machine that is not a TPU VM (without it libtpu probes
+    the GCE metadata server and the TPU driver). Set it before the first TPU use, e.g. in a subprocess's env."""
+    return {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": acc.name, "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
 def target_devices(acc: Accelerator) -> list:
     """Devices to compile for: a TPU topology's (offline, through libtpu), or this machine's own."""
     if acc.platform == "tpu":
         if not tpu_compiler_available():
             raise RuntimeError(f"compiling for {acc.name} needs libtpu (pip install 'jax[tpu]'; no TPU needed); "
                                f"or use --method=estimate.")
-        # Without these libtpu probes the GCE metadata server and the TPU driver for a machine that is not a TPU VM.
-        for var, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", acc.name),
-                           ("TPU_WORKER_HOSTNAMES", "localhost")):
-            os.environ.setdefault(var, value)
+        missing = sorted(set(offline_tpu_env(acc)) - set(os.environ))
+        if missing:
+            raise RuntimeError(f"compiling for {acc.name} offline needs {', '.join(missing)} in the environment "
+                               f"before the first TPU use: memory.offline_tpu_env(acc) gives the values "
+                               f"(python -m par_jax.training.memory sets them).")
         from jax.experimental import topologies  # noqa: PLC0415
         return list(topologies.get_topology_desc(platform="tpu", topology_name=acc.topology,
                                                  chip_config_name=acc.chip_config).devices)
@@ -298,13 +304,14 @@ TABLE_ROWS = (("XL", 16), ("XXL", 32), ("XXL", 64), ("3B", 32), ("3B", 64))
 TABLE_HBM = (("v5e", 16), ("v4 / v6e", 32), ("A100 / H100 80 GB", 74.5), ("v5p", 95))
 
 
-def table(methods=("estimate", "compiled"), remats=("none", "full"), rows=TABLE_ROWS, log=print) -> list[dict]:
-    """Per-device memory of PAR-XL, XXL and 3B (n=4, 384 px, bfloat16) at their paper batch sizes."""
-    from configs import par  # noqa: PLC0415
+def table(make_config, methods=("estimate", "compiled"), remats=("none", "full"), rows=TABLE_ROWS,
+          log=print) -> list[dict]:
+    """Per-device memory of PAR-XL, XXL and 3B (n=4, 384 px, bfloat16) at their paper batch sizes;
+    `make_config(size)` builds the experiment config of a size (the command line: its --config file)."""
     out = []
     for size, devices in rows:
         for remat in remats:
-            config = par.get_config(f"size={size}")
+            config = make_config(size)
             config.model.remat = remat
             row = {"size": size, "devices": devices, "remat": remat}
             for method in methods:
@@ -335,31 +342,49 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv) -> None:
-    import json  # noqa: PLC0415
+def define_flags(fv, argv) -> None:
     from absl import flags  # noqa: PLC0415
-    del argv
-    f = flags.FLAGS
+    from par_jax.core import config_args  # noqa: PLC0415
+
+    config_args.define_config(fv, argv, "Experiment config, e.g. configs/par.py:size=XL,n=4 (with --table: the "
+                              "config file whose sizes make the table, e.g. configs/par.py).")
+    flags.DEFINE_list("accelerator", ["v5p-64"], "Cloud TPU types (v5p-64, v4-32, v6e-16, ...) or GPU-xN.",
+                      flag_values=fv)
+    flags.DEFINE_enum("method", "auto", ["auto", "compiled", "estimate"],
+                      "auto: compile for TPU topologies when libtpu is installed, else estimate.", flag_values=fv)
+    flags.DEFINE_bool("table", False, "Print the XL / XXL / 3B table of docs/tpu.md.", flag_values=fv)
+    flags.DEFINE_string("json_out", "", "With --table: also write the rows as JSON here.", flag_values=fv)
+    flags.mark_flag_as_required("config", flag_values=fv)
+
+
+def main(argv=None) -> None:
+    import json  # noqa: PLC0415
+    from ml_collections.config_flags import config_flags  # noqa: PLC0415
+    from par_jax.core import config_args  # noqa: PLC0415
+
+    f = config_args.parse_flags(argv, define_flags, doc=__doc__)
+    try:
+        accelerators = [accelerator(name) for name in f.accelerator]
+    except ValueError as e:
+        raise config_args.UsageError(f"--accelerator: {e}") from None
+    tpus = [a for a in accelerators if a.platform == "tpu"] or [accelerator("v5p-8")]
+    if f.method != "estimate" and tpu_compiler_available():  # the command line is the edge: set before TPU use
+        for var, value in offline_tpu_env(tpus[0]).items():
+            os.environ.setdefault(var, value)
     if f.table:
-        rows = table(methods=("estimate", "compiled") if f.method in ("auto", "compiled") else ("estimate",))
+        file, _, arg = config_flags.get_config_filename(f["config"]).partition(":")
+        module = config_args.load_module(file)
+        rows = table(lambda size: module.get_config(",".join(filter(None, (arg, f"size={size}")))),
+                     methods=("estimate", "compiled") if f.method in ("auto", "compiled") else ("estimate",))
         print(markdown(rows))
         if f.json_out:
             with open(f.json_out, "w") as fh:
                 json.dump(rows, fh, indent=1)
         return
-    if f.config is None:
-        raise flags.ValidationError("--config is required (or --table).")
-    for name in f.accelerator:
-        print(check(f.config, name, f.method).line())
+    for acc in accelerators:
+        print(check(f.config, acc.name, f.method).line())
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/par.py:size=XL,n=4.")
-    flags.DEFINE_list("accelerator", ["v5p-64"], "Cloud TPU types (v5p-64, v4-32, v6e-16, ...) or GPU-xN.")
-    flags.DEFINE_enum("method", "auto", ["auto", "compiled", "estimate"],
-                      "auto: compile for TPU topologies when libtpu is installed, else estimate.")
-    flags.DEFINE_bool("table", False, "Print the XL / XXL / 3B table of docs/tpu.md.")
-    flags.DEFINE_string("json_out", "", "With --table: also write the rows as JSON here.")
-    app.run(main)
+    from par_jax.core import config_args
+    config_args.run(main)
