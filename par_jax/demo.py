@@ -95,7 +95,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     from par_jax.data import sources as sources_lib  # noqa: PLC0415
     from par_jax.evaluation import classifier as classifier_lib  # noqa: PLC0415
     from par_jax.evaluation import job as eval_job  # noqa: PLC0415
-    from par_jax.sampling import cli as sample_cli  # noqa: PLC0415
+    from par_jax.sampling import job as sample_job  # noqa: PLC0415
     from par_jax.tokenizer import train as tokenizer_train  # noqa: PLC0415
     from par_jax.training import train as par_train  # noqa: PLC0415
 
@@ -137,7 +137,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         finished=lambda r: r.get("step", par.train.num_steps) >= par.train.num_steps)  # {}: finished before
 
     def sample():
-        out = sample_cli.run(par, os.fspath(root))  # writes root/samples/<settings>/
+        out = sample_job.run(par, os.fspath(root))  # writes root/samples/<settings>/
         return {"png": out["png"], "npz": out["npz"]}
 
     results["samples"] = _run_phase(root, 4, "samples", "sampling a grid with a row per class", sample, force)

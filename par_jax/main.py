@@ -17,9 +17,9 @@ from par_jax.core import config_args
 # Jobs by name -> "module:function". Imported lazily so a job pulls in only what it needs.
 JOBS = {
     "train": "par_jax.training.train:train_and_evaluate",
-    "sample": "par_jax.sampling.cli:run",
+    "sample": "par_jax.sampling.job:run",
     "evaluate": "par_jax.evaluation.job:run",
-    "extract_codes": "par_jax.data.extract:run",
+    "extract_codes": "par_jax.tokenizer.extract:run",
     "train_tokenizer": "par_jax.tokenizer.train:train_and_evaluate",
     "evaluate_tokenizer": "par_jax.tokenizer.evaluate:run",
     "demo": "par_jax.demo:run",

@@ -19,7 +19,6 @@ from flax import nnx
 from par_jax import ordering
 from par_jax.model import ParTransformer, model_config
 from par_jax.sampling import SampleSettings, Sampler, sample
-from par_jax.sampling import cli
 from par_jax.sampling.sampler import step_widths
 
 ATOL = 1e-4
@@ -241,39 +240,6 @@ def test_bad_inputs_are_clear_errors(model4):
         Sampler(model4, SampleSettings(), BATCH, teacher_forced=True).score(np.zeros((BATCH, 16), np.int32), LABELS)
 
 
-def _sample_config(**sample):
-    from configs import par
-    config = par.get_config("runlocal,size=tiny,n=4,res=128")
-    config.model.update(vocab_size=VOCAB, num_classes=CLASSES, grid_shape=(8, 8), init_std=0.2)
-    config.sample.update(num_images=6, batch_size=4, guidance=1.5, **sample)
-    return config
-
-
-def test_cli_writes_npz_and_png_from_a_checkpoint(model4, tmp_path):
-    from par_jax.model.checkpoint import save_params
-    save_params(tmp_path / "ckpt", model4)
-    config = _sample_config(checkpoint=os.fspath(tmp_path / "ckpt"), labels="2,3")
-    out = cli.run(config, os.fspath(tmp_path / "work"))
-    with np.load(out["npz"]) as f:
-        assert f["tokens"].shape == (6, 8, 8) and f["arr_1"].tolist() == [2, 2, 2, 3, 3, 3]
-        tokens = f["tokens"]
-    assert os.path.getsize(out["png"]) > 0
-    # The same settings through the library give the same first batch (seed -> fold_in(batch index)).
-    first = sample(model4, np.array([2, 2, 2, 3]), jax.random.fold_in(jax.random.key(0), 0),
-                   SampleSettings(guidance=1.5))
-    np.testing.assert_array_equal(tokens[:4].reshape(4, -1), np.asarray(first))
-
-
-def test_cli_rejects_a_model_built_for_another_grid(model4, tmp_path):
-    config = _sample_config()
-    config.model.grid_shape = (16, 16)
-    with pytest.raises(ValueError, match="grid"):
-        cli.run(config, os.fspath(tmp_path), model=model4)
-    config = _sample_config(top_p=2.0)
-    with pytest.raises(ValueError, match="top_p"):
-        cli.run(config, os.fspath(tmp_path), model=model4)
-
-
 _SHARDED = r"""
 import json, sys, jax, numpy as np
 sys.path.insert(0, sys.argv[1])
@@ -308,17 +274,3 @@ def test_batch_sharded_over_eight_devices(model4):
     labels = np.arange(8, dtype=np.int32) % 10
     want = sample(model4, labels, jax.random.key(3), SampleSettings(guidance=1.5, temperature=0.0))
     np.testing.assert_array_equal(np.asarray(out["tokens"]), np.asarray(want))
-
-
-def test_sample_folder_names_every_setting_that_changes_samples():
-    from configs import par
-    sc = par.get_config("size=tiny,n=4,runlocal").sample
-    cfg = model_config("tiny", n=4, grid_shape=(8, 8))
-    base = cli._run_name(sc, cfg)
-    names = {base}
-    for field, value in [("guidance", 3.0), ("temperature", 0.5), ("seed", 1), ("top_k", 5), ("top_p", 0.9),
-                         ("guidance_schedule", "linear"), ("guidance_stop_step", 10)]:
-        changed = sc.copy_and_resolve_references()
-        changed[field] = value
-        names.add(cli._run_name(changed, cfg))
-    assert len(names) == 8, names
