@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _KIND = flags.DEFINE_enum("kind", None, ["gpt", "vq"], "What the input holds: the GPT decoder or the VQ tokenizer.")
-_INPUT = flags.DEFINE_string("input", None, "A .pt/.pth/.bin or .safetensors file of the PyTorch release.")
+_INPUT = flags.DEFINE_string("input", None, "A .pt/.pth/.bin, .safetensors or .npz file of the PyTorch release.")
 _OUTPUT = flags.DEFINE_string("output", None, "New directory for the converted checkpoint (must not exist).")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config whose `model` block (gpt) or `tokenizer` block (vq) the weights must fit, "
@@ -30,6 +30,8 @@ _KEY = flags.DEFINE_string("key", None, "Entry of the checkpoint that holds the 
                            "file itself if it holds tensors, else `model`, `module` or `state_dict`.")
 _TRUST_PICKLE = flags.DEFINE_bool("trust_pickle", False, "Allow arbitrary pickled objects in .pt files (only for "
                                   "files you trust: unpickling can run code).")
+_ALLOW_BAD_VALUES = flags.DEFINE_bool("allow_bad_values", False, "Convert weights that hold NaN, inf or absurdly large "
+                                      "values (refused by default: they mark a damaged file).")
 
 
 def _gib(state_dict) -> float:
@@ -41,16 +43,18 @@ def _check_output(output) -> None:
         raise FileExistsError(f"--output {output} already exists; choose a new directory.")
 
 
-def convert_gpt(input_path: str, model_cfg, output: str, *, key=None, trust_pickle: bool = False):
+def convert_gpt(input_path: str, model_cfg, output: str, *, key=None, trust_pickle: bool = False,
+                check_values: bool = True):
     """Read a PyTorch GPT checkpoint, convert it for `model_cfg` and write a params-only checkpoint to `output`."""
-    from par_jax.conversion import gpt, io  # noqa: PLC0415 (jax-heavy imports after flag parsing)
+    from par_jax.conversion import gpt  # noqa: PLC0415 (jax-heavy imports after flag parsing)
+    from par_jax.core import state_dict as io  # noqa: PLC0415
     from par_jax.model import checkpoint  # noqa: PLC0415
 
     _check_output(output)
     start = time.time()
     sd = io.load_state_dict(input_path, key=key, trust_pickle=trust_pickle)
     logging.info("read %d tensors (%.2f GiB) from %s in %.1fs", len(sd), _gib(sd), input_path, time.time() - start)
-    model = gpt.gpt_from_state_dict(sd, model_cfg)
+    model = gpt.gpt_from_state_dict(sd, model_cfg, check_values=check_values)
     del sd
     logging.info("converted in %.1fs; writing %s", time.time() - start, output)
     checkpoint.save_params(output, model)
@@ -59,16 +63,18 @@ def convert_gpt(input_path: str, model_cfg, output: str, *, key=None, trust_pick
     return model
 
 
-def convert_vq(input_path: str, vq_cfg, output: str, *, key=None, trust_pickle: bool = False):
+def convert_vq(input_path: str, vq_cfg, output: str, *, key=None, trust_pickle: bool = False,
+               check_values: bool = True):
     """Read a PyTorch VQ tokenizer checkpoint, convert it for `vq_cfg` and save it for `par_jax.tokenizer.load`."""
-    from par_jax.conversion import io, vq  # noqa: PLC0415
+    from par_jax.conversion import vq  # noqa: PLC0415
+    from par_jax.core import state_dict as io  # noqa: PLC0415
     from par_jax.core import checkpoint  # noqa: PLC0415
 
     _check_output(output)
     start = time.time()
     sd = io.load_state_dict(input_path, key=key, trust_pickle=trust_pickle)
     logging.info("read %d tensors (%.2f GiB) from %s in %.1fs", len(sd), _gib(sd), input_path, time.time() - start)
-    model = vq.vq_from_state_dict(sd, vq_cfg)
+    model = vq.vq_from_state_dict(sd, vq_cfg, check_values=check_values)
     del sd
     checkpoint.save_params(output, model)  # the tokenizer's export layout: params + its config as JSON
     logging.info("done in %.1fs: %s (load with par_jax.tokenizer.load)", time.time() - start, output)
@@ -100,13 +106,17 @@ def main(argv):
                                          "--config=configs/par.py:size=XL,n=4,res=384.")
                 from par_jax.model import from_config_dict  # noqa: PLC0415
                 convert_gpt(_INPUT.value, from_config_dict(config.model), _OUTPUT.value, key=_KEY.value,
-                            trust_pickle=_TRUST_PICKLE.value)
+                            trust_pickle=_TRUST_PICKLE.value, check_values=not _ALLOW_BAD_VALUES.value)
             else:
                 convert_vq(_INPUT.value, tokenizer_config(config), _OUTPUT.value, key=_KEY.value,
-                           trust_pickle=_TRUST_PICKLE.value)
+                           trust_pickle=_TRUST_PICKLE.value, check_values=not _ALLOW_BAD_VALUES.value)
     except (ConversionError, FileNotFoundError, FileExistsError, ImportError, ValueError, KeyError) as e:
-        print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
-        sys.exit(1)
+        # A bad file or a misfit is the user's to fix: a short message and exit status 2, not a traceback.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, ConversionError):
+            message = f"{_INPUT.value}: {message}"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ independent NumPy forward pass written from PAR_SPEC sections 3-6 (it uses nothi
 import argparse
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -382,18 +383,6 @@ def test_pt_round_trip_through_torch(tmp_path):
     _assert_same(conversion.gpt_to_state_dict(model), sd)
 
 
-def test_pt_with_other_python_objects_needs_trust(tmp_path):
-    torch = pytest.importorskip("torch")
-    import fractions
-
-    sd = random_gpt_state_dict(2, layers=1)
-    path = tmp_path / "odd.pt"
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "lr": fractions.Fraction(1, 3)}, path)
-    with pytest.raises(ValueError, match="trust_pickle=True"):
-        conversion.load_state_dict(path)
-    _assert_same(conversion.load_state_dict(path, trust_pickle=True), sd)
-
-
 def test_pt_without_torch_says_how_to_install(tmp_path, monkeypatch):
     path = tmp_path / "gpt.pt"
     path.write_bytes(b"not read")
@@ -407,9 +396,9 @@ def test_pt_without_torch_says_how_to_install(tmp_path, monkeypatch):
 def test_bad_checkpoint_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
         conversion.load_state_dict(tmp_path / "absent.safetensors")
-    (tmp_path / "weights.npz").write_bytes(b"")
+    (tmp_path / "weights.h5").write_bytes(b"")
     with pytest.raises(ValueError, match="cannot tell the format"):
-        conversion.load_state_dict(tmp_path / "weights.npz")
+        conversion.load_state_dict(tmp_path / "weights.h5")
     torch = pytest.importorskip("torch")
     torch.save({"steps": 3, "optimizer": {"lr": 0.1}}, tmp_path / "no_model.pt")
     with pytest.raises(ValueError, match="found no state dict.*'optimizer', 'steps'"):
@@ -443,8 +432,8 @@ def test_convert_cli_writes_a_checkpoint_that_load_params_restores(tmp_path):
     # Weights that do not fit: an error that names the problem, and no output directory.
     result = _run_convert("--kind=gpt", f"--input={tmp_path / 'par.safetensors'}",
                           "--config=configs/par.py:size=tiny,n=16,res=64", f"--output={tmp_path / 'bad'}")
-    assert result.returncode == 1
-    assert "n: the weights have 4, the config has 16" in result.stderr
+    assert result.returncode == 2
+    assert "n: the weights have 4, the config has 16" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "bad").exists()
 
 
@@ -729,3 +718,227 @@ def test_convert_cli_vq_writes_what_tokenizer_load_reads(tmp_path):
 
     assert convert.tokenizer_config(None) == tokenizer.vq_config("vq16")
     assert convert.tokenizer_config(par.get_config("size=tiny")) == tokenizer.vq_config("vq16")
+
+
+# ----- damaged files and damaged weights: named, never called a trust problem, never converted silently -----
+
+def _save_pt(sd, path, legacy=False):
+    torch = pytest.importorskip("torch")
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path,
+               _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+def _zip_member_offset(path, suffix):
+    """Where the bytes of the zip member whose name ends with `suffix` start in the file (members are stored)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(suffix))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _truncated(src, dst, keep):
+    data = src.read_bytes()
+    dst.write_bytes(data[:keep if keep >= 1 else int(len(data) * keep)])
+    return dst
+
+
+def _damaged_files(tmp_path):
+    """name -> a file that is not, or no longer, a checkpoint of the format its suffix names."""
+    sd = random_gpt_state_dict(5, layers=1)
+    noise = np.random.default_rng(0).bytes(6000)
+    files = {}
+    conversion.save_state_dict(sd, tmp_path / "good.safetensors")
+    files["safetensors, truncated"] = _truncated(tmp_path / "good.safetensors", tmp_path / "trunc.safetensors", 0.5)
+    files["safetensors, header only"] = _truncated(tmp_path / "good.safetensors", tmp_path / "head.safetensors", 12)
+    np.savez(tmp_path / "good.npz", **sd)
+    files["npz, truncated"] = _truncated(tmp_path / "good.npz", tmp_path / "trunc.npz", 0.5)
+    for suffix in (".safetensors", ".npz", ".pt"):
+        (tmp_path / f"noise{suffix}").write_bytes(noise)
+        files[f"{suffix}, random bytes"] = tmp_path / f"noise{suffix}"
+    _save_pt(sd, tmp_path / "good.pt")
+    _save_pt(sd, tmp_path / "legacy.pt", legacy=True)
+    for kind in ("good", "legacy"):
+        files[f"{kind} .pt, cut in half"] = _truncated(tmp_path / f"{kind}.pt", tmp_path / f"half_{kind}.pt", 0.5)
+        files[f"{kind} .pt, first 10 bytes"] = _truncated(tmp_path / f"{kind}.pt", tmp_path / f"ten_{kind}.pt", 10)
+    # A zip .pt whose pickle has bytes overwritten (its checksum then disagrees), and a legacy .pt likewise.
+    start, size = _zip_member_offset(tmp_path / "good.pt", "/data.pkl")
+    data = bytearray((tmp_path / "good.pt").read_bytes())
+    data[start + size // 2:start + size // 2 + 8] = b"\xfe" * 8
+    (tmp_path / "pickle_bytes.pt").write_bytes(bytes(data))
+    files["zip .pt, damaged pickle"] = tmp_path / "pickle_bytes.pt"
+    # A zip .pt whose pickle was cut short before it was archived: the checksums agree, the pickle does not parse.
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "good.pt") as src, zipfile.ZipFile(tmp_path / "short_pickle.pt", "w") as dst:
+        for info in src.infolist():
+            member = src.read(info)
+            dst.writestr(info, member[:len(member) // 2] if info.filename.endswith("data.pkl") else member)
+    files["zip .pt, pickle cut short"] = tmp_path / "short_pickle.pt"
+    data = bytearray((tmp_path / "legacy.pt").read_bytes())
+    data[60:68] = b"\xfe" * 8
+    (tmp_path / "pickle_bytes_legacy.pt").write_bytes(bytes(data))
+    files["legacy .pt, damaged pickle"] = tmp_path / "pickle_bytes_legacy.pt"
+    return files
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".npz"])
+def test_an_empty_file_is_named_and_called_empty(tmp_path, suffix):
+    path = tmp_path / f"weights{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=re.escape(f"{path} is empty (0 bytes)")):
+        conversion.load_state_dict(path)
+
+
+def test_damaged_files_are_named_and_never_called_a_pickle_trust_problem(tmp_path):
+    pytest.importorskip("torch")
+    for name, path in _damaged_files(tmp_path).items():
+        for trust_pickle in (False, True):
+            with pytest.raises(conversion.StateDictFileError) as e:
+                conversion.load_state_dict(path, trust_pickle=trust_pickle)
+            message = str(e.value)
+            assert message.startswith(str(path)), (name, message)
+            assert "trust" not in message, (name, trust_pickle, message)
+            assert re.search(r"damaged|truncated|not a", message), (name, message)
+            assert len(message) < 600, (name, message)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pt_with_other_python_objects_names_them_and_needs_trust(tmp_path, legacy):
+    torch = pytest.importorskip("torch")
+    import fractions
+
+    sd = random_gpt_state_dict(2, layers=1)
+    path = tmp_path / "odd.pt"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "lr": fractions.Fraction(1, 3)}, path,
+               _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(conversion.StateDictFileError, match=r"fractions\.Fraction.*trust_pickle=True") as e:
+        conversion.load_state_dict(path)
+    assert "damaged" not in str(e.value)
+    _assert_same(conversion.load_state_dict(path, trust_pickle=True), sd)
+
+
+def test_pt_pickling_classes_of_another_code_base_says_so(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    (tmp_path / "release_models.py").write_text("class Args:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import release_models
+
+    torch.save({"model": {"w": torch.zeros(2)}, "args": release_models.Args()}, tmp_path / "release.pt")
+    monkeypatch.delitem(sys.modules, "release_models")
+    (tmp_path / "release_models.py").unlink()
+    with pytest.raises(conversion.StateDictFileError, match=r"release_models\.Args.*trust_pickle=True"):
+        conversion.load_state_dict(tmp_path / "release.pt")
+    with pytest.raises(conversion.StateDictFileError, match=r"not importable here.*release_models.*state_dict\(\)"):
+        conversion.load_state_dict(tmp_path / "release.pt", trust_pickle=True)
+
+
+def test_npz_state_dicts_round_trip(tmp_path):
+    sd = random_gpt_state_dict(1, layers=1)
+    conversion.save_state_dict(sd, tmp_path / "gpt.npz")
+    _assert_same(conversion.load_state_dict(tmp_path / "gpt.npz"), sd)
+    with pytest.raises(KeyError, match="no entry 'ema'"):
+        conversion.load_state_dict(tmp_path / "gpt.npz", key="ema")
+
+
+def _spoil_gpt(sd):
+    sd = {k: v.copy() for k, v in sd.items()}
+    sd["layers.1.feed_forward.w2.weight"][3, 4] = np.nan
+    sd["tok_embeddings.weight"][0, :2] = [np.inf, -np.inf]
+    sd["norm.weight"][5] = -3.1e37
+    return sd
+
+
+def test_non_finite_and_absurd_gpt_weights_are_refused_by_name():
+    sd = _spoil_gpt(random_gpt_state_dict(6))
+    with pytest.raises(ConversionError) as e:
+        conversion.gpt_from_state_dict(sd, tiny_config())
+    assert e.value.problems == [
+        "bad values  tok_embeddings.weight: 2 inf (of 2048 values)",
+        "bad values  layers.1.feed_forward.w2.weight: 1 NaN (of 16384 values)",
+        "bad values  norm.weight: 1 with |x| > 1e+06, largest -3.1e+37 (of 64 values)"]
+    assert "check_values=False" in str(e.value) and "damaged" in str(e.value)
+    # Accepted knowingly: the values are kept as they are.
+    model = conversion.gpt_from_state_dict(sd, tiny_config(), check_values=False)
+    back = conversion.gpt_to_state_dict(model)
+    assert np.isnan(back["layers.1.feed_forward.w2.weight"][3, 4]) and back["norm.weight"][5] == np.float32(-3.1e37)
+    # A misfit and bad values are reported together.
+    del sd["output.weight"]
+    with pytest.raises(ConversionError) as e:
+        conversion.gpt_from_state_dict(sd, tiny_config())
+    assert len(e.value.problems) == 4 and e.value.problems[0].startswith("missing     output.weight")
+
+
+def test_non_finite_and_absurd_vq_weights_are_refused_by_name():
+    sd = random_vq_state_dict(7)
+    sd["decoder.conv_out.weight"][0, 0, 1, 1] = np.nan
+    sd["quantize.embedding.weight"][2, 3] = 2e30
+    sd["quantize.codebook_used"][:] = np.nan  # an ignored training buffer is not checked
+    with pytest.raises(ConversionError) as e:
+        conversion.vq_from_state_dict(sd, tiny_vq_config())
+    assert e.value.problems == [
+        "bad values  decoder.conv_out.weight: 1 NaN (of 432 values)",
+        "bad values  quantize.embedding.weight: 1 with |x| > 1e+06, largest 2e+30 (of 48 values)"]
+    model = conversion.vq_from_state_dict(sd, tiny_vq_config(), check_values=False)
+    assert np.isnan(conversion.vq_to_state_dict(model)["decoder.conv_out.weight"][0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("fmt", ["zip.pt", "legacy.pt", "safetensors", "npz"])
+def test_bad_values_are_caught_whatever_the_file_format(tmp_path, fmt):
+    gpt_sd = _spoil_gpt(random_gpt_state_dict(8))
+    vq_sd = random_vq_state_dict(8)
+    vq_sd["encoder.conv_in.bias"][0] = -np.inf
+    for name, sd in (("gpt", gpt_sd), ("vq", vq_sd)):
+        path = tmp_path / f"{name}.{fmt.split('.')[-1]}"
+        if fmt.endswith(".pt"):
+            _save_pt(sd, path, legacy=fmt == "legacy.pt")
+        else:
+            conversion.save_state_dict(sd, path)
+        loaded = conversion.load_state_dict(path)
+        with pytest.raises(ConversionError, match="bad values  (norm.weight|encoder.conv_in.bias)"):
+            if name == "gpt":
+                conversion.gpt_from_state_dict(loaded, tiny_config())
+            else:
+                conversion.vq_from_state_dict(loaded, tiny_vq_config())
+
+
+def test_flipped_bytes_in_a_pt_file_are_caught_by_the_value_check(tmp_path):
+    pytest.importorskip("torch")
+    sd = random_gpt_state_dict(9)
+    first = next(iter(sd))
+    sd[first][0, 0] = 0.5
+    path = _save_pt(sd, tmp_path / "gpt.pt")
+    start, _ = _zip_member_offset(path, "/data/0")  # the first tensor's storage
+    data = bytearray(path.read_bytes())
+    assert np.frombuffer(bytes(data[start:start + 4]), "<f4")[0] == 0.5
+    data[start + 3] ^= 0x40  # the exponent's top bit: 0.5 becomes 0.5 * 2**128
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConversionError, match=rf"bad values  {re.escape(first)}: 1 with \|x\| > 1e\+06, "
+                                              r"largest 1.7e\+38"):
+        conversion.gpt_from_state_dict(conversion.load_state_dict(path), tiny_config())
+
+
+def test_convert_cli_bad_files_are_short_errors_with_exit_status_2(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    config = "--config=configs/par.py:size=tiny,n=4,res=64"
+    result = _run_convert("--kind=gpt", f"--input={tmp_path / 'empty.pt'}", config, f"--output={tmp_path / 'a'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{tmp_path / 'empty.pt'} is empty (0 bytes)" in result.stderr and "Traceback" not in result.stderr
+
+    sd = _spoil_gpt(random_gpt_state_dict(4, layers=2, dim=64, hidden=256, vocab=16384, classes=1000, n=4))
+    conversion.save_state_dict(sd, tmp_path / "nan.safetensors")
+    args = ("--kind=gpt", f"--input={tmp_path / 'nan.safetensors'}", config)
+    result = _run_convert(*args, f"--output={tmp_path / 'b'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "bad values  layers.1.feed_forward.w2.weight: 1 NaN" in result.stderr and "--allow_bad_values" in (
+        result.stderr)
+    assert "Traceback" not in result.stderr and not (tmp_path / "b").exists()
+    result = _run_convert(*args, f"--output={tmp_path / 'c'}", "--allow_bad_values")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "c").exists()

@@ -1,4 +1,7 @@
-"""Loading the PyTorch PAR / LlamaGen release: GPT and VQ-16 state dicts <-> par_jax models, `.pt`/`.safetensors` IO.
+"""Loading the PyTorch PAR / LlamaGen release: GPT and VQ-16 state dicts <-> par_jax models.
+
+The file readers and writers (`.pt`, `.safetensors`, `.npz`) are generic and live in `par_jax.core.state_dict`;
+they are re-exported here.
 
     from par_jax import conversion
     sd = conversion.load_state_dict("PAR-XL-4x.pt")                   # names -> NumPy arrays
@@ -9,7 +12,7 @@
 from par_jax.conversion.checks import ConversionError
 from par_jax.conversion.gpt import (check_gpt_state_dict, gpt_from_state_dict, gpt_to_state_dict,
                                     inspect_gpt_state_dict)
-from par_jax.conversion.io import load_state_dict, save_state_dict
+from par_jax.core.state_dict import StateDictFileError, load_state_dict, save_state_dict
 
 _VQ_NAMES = ("check_vq_state_dict", "inspect_vq_state_dict", "vq_from_state_dict", "vq_to_state_dict")
 
@@ -22,5 +25,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ConversionError", "check_gpt_state_dict", "gpt_from_state_dict", "gpt_to_state_dict",
+__all__ = ["ConversionError", "StateDictFileError", "check_gpt_state_dict", "gpt_from_state_dict", "gpt_to_state_dict",
            "inspect_gpt_state_dict", "load_state_dict", "save_state_dict", *_VQ_NAMES]

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from par_jax.conversion import checks, io
+from par_jax.conversion import checks
+from par_jax.core import state_dict as state_dict_lib
 from par_jax.model import SIZES, ModelConfig, ParTransformer, from_config_dict
 
 # Tensors of the PyTorch model that are not parameters: the rotary table, the attention mask and KV caches.
@@ -83,7 +84,7 @@ def torch_layout(cfg: ModelConfig) -> dict[str, Entry]:
 def inspect_gpt_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """What the weights say about their model: num_layers, dim, vocab_size, num_classes, n, mlp_hidden, and the
     named size with that many layers and that dim (None if none). Entries that cannot be read are left out."""
-    sd = checks.drop_ignored(io.normalize(state_dict), IGNORED)
+    sd = checks.drop_ignored(state_dict_lib.normalize(state_dict), IGNORED)
     info: dict[str, Any] = {}
     layers = [int(m.group(1)) for k in sd if (m := _LAYER_KEY.fullmatch(k))]
     if layers:
@@ -133,19 +134,24 @@ def _as_model_config(cfg) -> ModelConfig:
     return cfg if isinstance(cfg, ModelConfig) else from_config_dict(cfg)
 
 
-def check_gpt_state_dict(state_dict: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
+def check_gpt_state_dict(state_dict: Mapping[str, Any], cfg, *, check_values: bool = True) -> dict[str, np.ndarray]:
     """The state dict's parameters as NumPy arrays (non-parameters dropped), or a ConversionError listing every key
-    that does not fit `cfg` (missing, unexpected, wrong shape or dtype) and every setting that disagrees."""
+    that does not fit `cfg` (missing, unexpected, wrong shape or dtype), every setting that disagrees and, unless
+    check_values=False, every parameter holding NaN, inf or absurdly large values (checks.ABSURD_MAGNITUDE)."""
     cfg = _as_model_config(cfg)
-    sd = checks.drop_ignored(io.normalize(state_dict), IGNORED)
+    sd = checks.drop_ignored(state_dict_lib.normalize(state_dict), IGNORED)
     found = inspect_gpt_state_dict(sd)
     expected = {k: e.shape for k, e in torch_layout(cfg).items()}
-    problems = _config_problems(found, cfg) + checks.key_problems(expected, sd)
-    if problems:
+    misfits = _config_problems(found, cfg) + checks.key_problems(expected, sd)
+    bad_values = checks.value_problems(sd, list(expected)) if check_values else []
+    if misfits:
         raise checks.ConversionError(
             f"the GPT state dict does not fit the config (num_layers={cfg.num_layers}, num_heads={cfg.num_heads}, "
             f"dim={cfg.dim}, vocab_size={cfg.vocab_size}, num_classes={cfg.num_classes}, n={cfg.n}, "
-            f"grid_shape={cfg.grid_shape})", problems, _hint(found, sd))
+            f"grid_shape={cfg.grid_shape})", misfits + bad_values,
+            _hint(found, sd) + ("\n" + checks.VALUES_HINT if bad_values else ""))
+    if bad_values:
+        raise checks.ConversionError("the GPT weights hold non-finite or absurd values", bad_values, checks.VALUES_HINT)
     return sd
 
 
@@ -163,15 +169,16 @@ def _by_variable(cfg: ModelConfig) -> dict[tuple, list[tuple[str, Entry]]]:
     return groups
 
 
-def gpt_from_state_dict(state_dict: Mapping[str, Any], cfg) -> ParTransformer:
+def gpt_from_state_dict(state_dict: Mapping[str, Any], cfg, *, check_values: bool = True) -> ParTransformer:
     """A `ParTransformer` holding the weights of a PyTorch PAR or LlamaGen GPT state dict.
 
     state_dict: names -> arrays (NumPy, JAX or torch tensors), e.g. from `load_state_dict(path)`.
     cfg: a `ModelConfig` or a `config.model` block; its layers, dim, vocabulary, classes and n must match the
     weights, and it supplies the head count, the token grid and the compute dtype. Parameters are float32.
+    check_values: refuse parameters holding NaN, inf or absurdly large values (a damaged file); False accepts them.
     """
     cfg = _as_model_config(cfg)
-    sd = check_gpt_state_dict(state_dict, cfg)
+    sd = check_gpt_state_dict(state_dict, cfg, check_values=check_values)
     abstract = nnx.eval_shape(lambda: ParTransformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from par_jax.conversion import checks, io
+from par_jax.conversion import checks
+from par_jax.core import state_dict as state_dict_lib
 from par_jax.tokenizer.vq import VQConfig, VQModel, from_config_dict
 
 IGNORED = re.compile(r"quantize\.codebook_used")
@@ -70,7 +71,7 @@ def _layout(cfg: VQConfig) -> tuple:
 def inspect_vq_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """What the weights say about their tokenizer (the VQConfig fields that fix parameter shapes); entries that
     cannot be read are left out."""
-    sd = checks.drop_ignored(io.normalize(state_dict), IGNORED)
+    sd = checks.drop_ignored(state_dict_lib.normalize(state_dict), IGNORED)
     info: dict[str, Any] = {}
 
     def shape(key):
@@ -93,34 +94,39 @@ def inspect_vq_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-def check_vq_state_dict(state_dict: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
-    """The state dict's parameters as NumPy arrays, or a ConversionError listing every key that does not fit."""
+def check_vq_state_dict(state_dict: Mapping[str, Any], cfg, *, check_values: bool = True) -> dict[str, np.ndarray]:
+    """The state dict's parameters as NumPy arrays, or a ConversionError listing every key that does not fit and,
+    unless check_values=False, every parameter holding NaN, inf or absurdly large values."""
     cfg = _as_vq_config(cfg)
-    sd = checks.drop_ignored(io.normalize(state_dict), IGNORED)
+    sd = checks.drop_ignored(state_dict_lib.normalize(state_dict), IGNORED)
     found = inspect_vq_state_dict(sd)
-    problems = [f"{name}: the weights have {value}, the config has {getattr(cfg, name)}"
-                for name, value in found.items() if value != getattr(cfg, name)]
+    misfits = [f"{name}: the weights have {value}, the config has {getattr(cfg, name)}"
+               for name, value in found.items() if value != getattr(cfg, name)]
     expected = {key: shape for key, (_, shape) in torch_layout(cfg).items()}
-    problems += checks.key_problems(expected, sd)
-    if problems:
+    misfits += checks.key_problems(expected, sd)
+    bad_values = checks.value_problems(sd, list(expected)) if check_values else []
+    if misfits:
         fields = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("codebook_size", "codebook_dim", "base_channels",
                                                                "channel_mult", "num_res_blocks", "z_channels"))
         hint = "The weights look like: " + ", ".join(f"{k}={v}" for k, v in found.items()) + "."
         if "tok_embeddings.weight" in sd:
             hint = "These are the weights of a GPT decoder (tok_embeddings, layers.*): convert them with --kind=gpt."
-        raise checks.ConversionError(f"the VQ state dict does not fit the tokenizer config ({fields})", problems,
-                                     hint)
+        raise checks.ConversionError(f"the VQ state dict does not fit the tokenizer config ({fields})",
+                                     misfits + bad_values, hint + ("\n" + checks.VALUES_HINT if bad_values else ""))
+    if bad_values:
+        raise checks.ConversionError("the VQ weights hold non-finite or absurd values", bad_values, checks.VALUES_HINT)
     return sd
 
 
-def vq_from_state_dict(state_dict: Mapping[str, Any], vq_cfg) -> VQModel:
+def vq_from_state_dict(state_dict: Mapping[str, Any], vq_cfg, *, check_values: bool = True) -> VQModel:
     """A `VQModel` holding the weights of a PyTorch LlamaGen VQ state dict (e.g. VQ-16's `vq_ds16_c2i.pt`).
 
     state_dict: names -> arrays (NumPy, JAX or torch tensors); vq_cfg: a `VQConfig` (e.g. `vq_config("vq16")`) or a
-    `config.tokenizer` block whose shapes match the weights. Parameters are float32.
+    `config.tokenizer` block whose shapes match the weights. Parameters are float32. check_values: refuse
+    parameters holding NaN, inf or absurdly large values (a damaged file); False accepts them.
     """
     cfg = _as_vq_config(vq_cfg)
-    sd = check_vq_state_dict(state_dict, cfg)
+    sd = check_vq_state_dict(state_dict, cfg, check_values=check_values)
     # Dropout keeps random state that an abstract model cannot provide: build a real one then.
     model = VQModel(cfg, rngs=nnx.Rngs(0)) if cfg.dropout else _abstract(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

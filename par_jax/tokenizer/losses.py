@@ -88,7 +88,7 @@ def load_perceptual_weights(path: str) -> dict[str, np.ndarray]:
         with np.load(path) as f:
             raw = {k: f[k] for k in f.files}
     else:
-        from par_jax.conversion import io as io_lib  # noqa: PLC0415 (.pt / .safetensors readers)
+        from par_jax.core import state_dict as io_lib  # noqa: PLC0415 (.pt / .safetensors readers)
         raw = io_lib.load_state_dict(path)
     found = {re.sub(r"^net\.slice\d+\.", "features.", k): np.asarray(v, np.float32) for k, v in raw.items()}
     expected = perceptual_weight_shapes()
