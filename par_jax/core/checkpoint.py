@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging as std_logging
-import os
 import signal
 import threading
 import time
@@ -31,13 +30,9 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
+from par_jax.core.paths import as_path  # noqa: F401 (a checkpoint location as orbax wants it: absolute)
+
 CHECKPOINTS_DIR = "checkpoints"
-
-
-def as_path(path) -> epath.Path:
-    """A checkpoint location as orbax wants it: local paths made absolute (a relative path is an error there)."""
-    text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def config_to_json(cfg) -> dict:
