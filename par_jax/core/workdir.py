@@ -39,6 +39,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from par_jax.core import paths
+
 LOCK_NAME = "LOCK"
 _RUN_ID_BYTES = 16
 
@@ -131,10 +133,6 @@ def _is_running(owner: _Owner) -> bool:
     return not (owner.pid_start and _pid_start(owner.pid) not in ("", owner.pid_start))  # else a reused pid
 
 
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in os.fspath(path)
-
-
 class WorkdirLock:
     """The lock of one job's run on `workdir`: `acquire()` at start, `check()` before every save, `release()` at
     the end (or use it as a context manager). `run_id` is the same on every process of the job."""
@@ -142,8 +140,7 @@ class WorkdirLock:
     settle_seconds = 1.0  # object stores: how long a written lock is left before it is read back
 
     def __init__(self, workdir, *, job: str):
-        text = os.fspath(workdir)
-        self.workdir = epath.Path(text if "://" in text else os.path.abspath(text))
+        self.workdir = paths.as_path(workdir)
         self.path = self.workdir / LOCK_NAME
         self.job = job
         self.run_id: Optional[str] = None
@@ -230,7 +227,7 @@ class WorkdirLock:
 
     def _create(self, me: _Owner) -> bool:
         """Write the lock; False if another run's lock appeared first (it is then read and judged again)."""
-        if not _is_local(self.path):
+        if paths.is_remote(self.path):
             self.path.write_text(me.to_json())
             time.sleep(self.settle_seconds)
             written = self._read_settled()
@@ -261,7 +258,7 @@ class WorkdirLock:
 
     def _remove_stale(self, stale: _Owner) -> bool:
         """Remove a stale lock; False if another run replaced it meanwhile (then it is judged again)."""
-        if not _is_local(self.path):
+        if paths.is_remote(self.path):
             return True  # no atomic rename: our write overwrites it, and the read-back decides
         path = os.fspath(self.path)
         aside = f"{path}.stale-{uuid.uuid4().hex}"
