@@ -49,6 +49,13 @@ def _run_phase(workdir: epath.Path, i: int, name: str, what: str, fn: Callable[[
     return result
 
 
+def _relative(path, root: epath.Path) -> str:
+    """A path inside the workdir as relative to it: the summary is copied into docs and must not name this
+    machine's folders."""
+    text, base = os.fspath(path), os.fspath(root)
+    return os.path.relpath(text, base) if text and "://" not in text and text.startswith(base) else text
+
+
 def _jsonable(x):
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
@@ -138,7 +145,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     def sample():
         out = sample_job.run(par, os.fspath(root))  # writes root/samples/<settings>/
-        return {"png": out["png"], "npz": out["npz"]}
+        return {"png": _relative(out["png"], root), "npz": _relative(out["npz"], root)}
 
     results["samples"] = _run_phase(root, 4, "samples", "sampling a grid with a row per class", sample, force)
 
@@ -152,7 +159,8 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     def evaluate():
         record = eval_job.run(par, os.fspath(root))  # writes root/eval/<name>/results.json
-        return {**_scalars(record["metrics"]), "results_dir": record["settings"].get("samples_file", "")}
+        return {**_scalars(record["metrics"]),
+                "results_dir": _relative(record["settings"].get("samples_file", ""), root)}
 
     results["eval"] = _run_phase(root, 6, "eval", f"evaluating {par.eval.num_samples} samples", evaluate, force)
 

@@ -32,7 +32,8 @@ def config_with(overrides):
 
 def reference(out, num_processes, overrides):
     from par_jax.data import pipeline
-    from par_jax.core import mesh as mesh_lib, optim, train
+    from par_jax.core import mesh as mesh_lib, optim
+    from par_jax.training import train
 
     config = config_with(overrides)
     tc = config.train

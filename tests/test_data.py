@@ -500,6 +500,7 @@ def test_extract_codes_with_an_nnx_tokenizer_on_8_devices(tmp_path):
 
 def test_extract_codes_job_feeds_the_train_loader(tmp_path, monkeypatch):
     import par_jax.tokenizer
+    from par_jax.tokenizer import extract as extract_job
     loaded = []
     monkeypatch.setattr(par_jax.tokenizer, "load", lambda path: loaded.append(path) or PatchTokenizer(nnx.Rngs(0)),
                         raising=False)
@@ -507,9 +508,9 @@ def test_extract_codes_job_feeds_the_train_loader(tmp_path, monkeypatch):
                          views="center", flip_views=True, extract_batch_size=4, records_per_shard=4)
     config.model.grid_shape, config.model.num_classes = (4, 4), 10
     with pytest.raises(ValueError, match="needs --config.data.tokenizer=PATH"):
-        extract.run(config, str(tmp_path))
+        extract_job.run(config, str(tmp_path))
     config.data.tokenizer = "/somewhere/tokenizer"
-    meta = extract.run(config, str(tmp_path))
+    meta = extract_job.run(config, str(tmp_path))
     assert loaded == ["/somewhere/tokenizer"] and meta.tokenizer == "/somewhere/tokenizer"
     assert meta.count == 6 and meta.num_views == 2 and meta.grid_shape == (4, 4) and len(meta.shards) == 2
     assert pipeline.num_records(config) == 6
@@ -517,7 +518,7 @@ def test_extract_codes_job_feeds_the_train_loader(tmp_path, monkeypatch):
     assert batch["tokens"].shape == (4, 16) and batch["tokens"].max() < 16 and batch["label"].max() < 10
     config.model.grid_shape = (2, 2)
     with pytest.raises(ValueError, match=r"into 4x4 codes but the model expects \(2, 2\)"):
-        extract.run(config, str(tmp_path / "other"))
+        extract_job.run(config, str(tmp_path / "other"))
 
 
 def test_codes_directories_must_be_local_paths():

@@ -13,6 +13,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from configs import vq as vq_configs
 from par_jax import tokenizer
+from par_jax.core import loop
 from par_jax.data import sources
 from par_jax.tokenizer import losses, train, vq
 
@@ -297,6 +298,22 @@ def test_resume_from_the_workdir_is_exact(tmp_path, compile_cache):
     resumed = nnx.state(tokenizer.load(tmp_path / "tokenizer"))
     for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(x, np.asarray(y))
+
+
+def test_a_non_finite_state_between_log_steps_is_never_saved(tmp_path, compile_cache):
+    """The job logs every 50 steps but saves every 2: a blow-up at step 5 must stop the run at the step-6 save
+    (before, only log steps were checked, and the non-finite step 6 was saved as if it were good)."""
+    config = _job_config(4, checkpoint_every=2)
+    config.data.image_source = "synthetic"  # no dataset needed
+    train.train_and_evaluate(config, str(tmp_path))
+    config.train.num_steps = 8
+    config.optimizer.lr = 1e30  # resuming with another learning rate is allowed; this one overflows at once
+    with pytest.raises(loop.NonFiniteError, match=r"(?s)at step 6.*the last good checkpoint is step 4"):
+        train.train_and_evaluate(config, str(tmp_path))
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == 4, steps
+    params = jax.tree.leaves(nnx.state(tokenizer.load(tmp_path / "checkpoints" / "4")))
+    assert all(np.isfinite(np.asarray(x)).all() for x in params)
 
 
 # ----- perceptual and adversarial losses ---------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def tokenizer_dir(tmp_path_factory):
     """An (untrained) small VQ tokenizer for 16x16 images = 4x4 codes, saved like a trained one: sample grids need
     one to turn sampled codes into pixels."""
     from par_jax import tokenizer  # noqa: PLC0415
-    cfg = tokenizer.vq_config("fmnist", image_size=16)
+    cfg = tokenizer.vq_config("fmnist", image_size=16, codebook_size=64)  # the model's vocabulary (TINY)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: tokenizer.VQModel(cfg, rngs=nnx.Rngs(0))))
     state = jax.jit(lambda: nnx.split(tokenizer.VQModel(cfg, rngs=nnx.Rngs(0)))[1])()
     directory = tmp_path_factory.mktemp("tokenizer") / "export"
@@ -187,9 +187,22 @@ def test_nan_loss_stops_with_message_and_keeps_a_restorable_checkpoint(tmp_path,
     proc = _run([sys.executable, WORKER, "poisoned", workdir, "13", *TINY_FLAGS], cache_dir)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-4000:]
     message = proc.stdout
-    assert "non-finite training loss at step 13" in message
+    assert "non-finite" in message and "loss" in message and "at step 13" in message
     assert "the last good checkpoint is step 10" in message and "resumes from it" in message
     assert _steps(workdir)[-1] == 10, _steps(workdir)  # nothing at or after the bad step was saved
     model = checkpoint.restore_model(workdir)
     leaves = jax.tree.leaves(checkpoint.params_of(model))
+    assert leaves and all(np.isfinite(x).all() for x in leaves)
+
+
+def test_a_non_finite_update_on_a_save_step_is_not_saved(tmp_path, cache_dir):
+    """Loss and gradients of step 20 are finite, its update is not (a one-step learning rate of 1e30): the state that
+    would be saved at step 20 is refused, and the error names the parameter norm and the last good checkpoint."""
+    workdir = str(tmp_path / "huge_lr")
+    proc = _run([sys.executable, WORKER, "huge_lr", workdir, "20", *TINY_FLAGS], cache_dir)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "param_norm" in proc.stdout and "at step 20" in proc.stdout, proc.stdout[-2000:]
+    assert "the last good checkpoint is step 10" in proc.stdout
+    assert _steps(workdir)[-1] == 10, _steps(workdir)
+    leaves = jax.tree.leaves(checkpoint.params_of(checkpoint.restore_model(workdir)))
     assert leaves and all(np.isfinite(x).all() for x in leaves)

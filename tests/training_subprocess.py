@@ -4,6 +4,10 @@
   python tests/training_subprocess.py poisoned WORKDIR STEP [overrides...]
                                                          train with a corrupt batch at STEP; exit 3 on the
                                                          NonFiniteLossError, printing its message
+  python tests/training_subprocess.py huge_lr WORKDIR STEP [overrides...]
+                                                         a learning rate of 1e30 for the one update that makes
+                                                         STEP (loss and gradients finite, the new parameters not);
+                                                         exit 3 on the NonFiniteLossError
 """
 
 import json
@@ -42,7 +46,8 @@ def tiny_config(overrides=()):
 
 def meshes(out_dir):
     from par_jax.data import pipeline
-    from par_jax.core import mesh as mesh_lib, optim, train
+    from par_jax.core import mesh as mesh_lib, optim
+    from par_jax.training import train
 
     base = tiny_config()
     base.optimizer.ema_decay = 0.9  # EMA weights are sharded and compared too
@@ -134,5 +139,27 @@ def poisoned(workdir, bad_step, *overrides):
         sys.exit(3)
 
 
+def huge_lr(workdir, bad_step, *overrides):
+    import jax.numpy as jnp
+
+    from par_jax.core import optim
+    from par_jax.training import train
+
+    config = tiny_config(overrides)
+    make_schedule = optim.learning_rate_schedule
+
+    def schedule(*args, **kwargs):
+        base = make_schedule(*args, **kwargs)
+        # The update that turns step `bad_step - 1` into `bad_step` reads the schedule at bad_step - 1.
+        return lambda step: jnp.where(step == int(bad_step) - 1, 1e30, base(step))
+
+    optim.learning_rate_schedule = schedule
+    try:
+        train.train_and_evaluate(config, workdir)
+    except train.NonFiniteLossError as e:
+        print(f"NonFiniteLossError: {e}", flush=True)
+        sys.exit(3)
+
+
 if __name__ == "__main__":
-    {"meshes": meshes, "poisoned": poisoned}[sys.argv[1]](*sys.argv[2:])
+    {"meshes": meshes, "poisoned": poisoned, "huge_lr": huge_lr}[sys.argv[1]](*sys.argv[2:])

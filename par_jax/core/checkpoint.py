@@ -17,12 +17,11 @@ tokenizer's `par_jax.tokenizer.load`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging as std_logging
 import signal
 import threading
 import time
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -245,23 +244,40 @@ class TrainCheckpointer:
                 state["ema"] = jax.tree.map(lambda x: x.copy(), restored["params"])
         return state
 
-    def restore_latest_intact(self, abstract_state: dict, data_iter: Iterator) -> tuple[Optional[int], Optional[dict]]:
-        """(step, state) of the newest step that restores, or (None, None) with no checkpoint. A step that fails to
-        restore (truncated or corrupt files) is moved aside to `<step>.damaged-<time>` (never deleted) with a
-        warning naming it, and the next older step is tried."""
+    def restore_latest_intact(self, abstract_state: dict, data_iter: Iterator,
+                              check: Optional[Callable[[int, dict], None]] = None
+                              ) -> tuple[Optional[int], Optional[dict]]:
+        """(step, state) of the newest step that restores, or (None, None) with no checkpoint.
+
+        `check(step, saved model config JSON)` runs before any weight is read and may raise (a model of another
+        shape). A step that fails to read (truncated or corrupt files) is moved aside to `<step>.damaged-<time>`
+        (never deleted) with a warning naming it, and the next older step is tried."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
+                saved = self.saved_config(step)
+            except Exception as e:  # noqa: BLE001 (an unreadable step: fall back to an older one)
+                self._set_aside(step, e)
+                continue
+            if check is not None:
+                check(step, saved)
+            try:
                 return step, self.restore(step, abstract_state, data_iter)
-            except Exception as e:  # noqa: BLE001 (any read failure of this step: fall back to an older one)
-                damaged = self.directory / str(step)
-                aside = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-                if jax.process_index() == 0:
-                    damaged.rename(aside)
-                logging.warning("checkpoint step %d in %s is damaged and cannot be restored (%s: %s); moved aside "
-                                "to %s, trying the previous step.", step, self.directory, type(e).__name__,
-                                _first_line(e), aside.name)
-                self.manager.reload()
+            except Exception as e:  # noqa: BLE001
+                self._set_aside(step, e)
         return None, None
+
+    def _set_aside(self, step: int, error: BaseException) -> None:
+        damaged = self.directory / str(step)
+        aside = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            damaged.rename(aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+            multihost_utils.sync_global_devices(f"checkpoint step {step} set aside")
+        logging.warning("checkpoint step %d in %s is damaged and cannot be restored (%s: %s); moved aside to %s "
+                        "(not deleted), trying the previous step.", step, self.directory, type(error).__name__,
+                        _first_line(error), aside.name)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -300,6 +316,3 @@ def _grain_restore(data_iter):
     import grain  # noqa: PLC0415
     return grain.checkpoint.CheckpointRestore(data_iter)
 
-
-def write_json(path, data: dict) -> None:
-    as_path(path).write_text(json.dumps(data, indent=1))

@@ -104,8 +104,3 @@ def initialize() -> Optional[str]:
     logging.info("process %d of %d (%s), %d local / %d global devices", jax.process_index(), jax.process_count(),
                  method or "single process", jax.local_device_count(), jax.device_count())
     return method
-
-
-def is_main_process() -> bool:
-    """The process that writes metrics, images and other single-copy outputs."""
-    return jax.process_index() == 0

@@ -104,5 +104,3 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 def is_logical_names(x) -> bool:
     return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
 
-
-_is_spec = is_logical_names  # old name, still used by par_jax.training.memory

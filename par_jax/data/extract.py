@@ -1,7 +1,5 @@
-r"""The extract_codes job: images -> views -> VQ codes in ArrayRecord shards (see `par_jax.data.codes`).
-
-    python -m par_jax.main --job=extract_codes --config=configs/par.py:res=384 --workdir=DIR \
-        --config.data.image_source=tfds:imagenet2012 --config.data.tokenizer=PATH [--config.data.codes_dir=OUT]
+r"""Code extraction: images -> views -> codes of any encoder, in ArrayRecord shards (see `par_jax.data.codes`).
+The extract_codes job that runs it with a trained tokenizer is `par_jax.tokenizer.extract`.
 
 Every process takes a contiguous part of the image source and writes its own shards; its local devices encode
 batches under a batch sharding (encoding needs no communication, so no process waits for another until the end,
@@ -253,28 +251,3 @@ def finalize_codes(out_dir: str, process_count: int) -> codes_lib.CodesMetadata:
     logging.info("extract_codes: wrote %d records (%d views of %dx%d codes) in %d shards to %s", meta.count,
                  meta.num_views, *meta.grid_shape, len(meta.shards), out_dir)
     return meta
-
-
-def run(config, workdir: str) -> codes_lib.CodesMetadata | None:
-    """The extract_codes job: `config.data` names the image source, views, tokenizer and output directory."""
-    data = config.data
-    if not data.tokenizer:
-        raise ValueError("extract_codes needs --config.data.tokenizer=PATH, a trained tokenizer (train one with "
-                         "--job=train_tokenizer).")
-    out_dir = data.codes_dir or os.path.join(workdir, "codes")
-    source = sources_lib.make_image_source(
-        data.image_source, split=data.split, data_dir=data.tfds_data_dir or None, download=data.download,
-        image_size=data.image_size, num_classes=config.model.num_classes, count=data.synthetic_count,
-        seed=data.seed)
-    from par_jax import tokenizer as tokenizer_lib  # noqa: PLC0415 (the job pulls in only what it needs)
-    encoder = tokenizer_lib.load(data.tokenizer)
-    logging.info("extract_codes: %s (%d images, %d classes) -> %s with tokenizer %s", source.name, len(source),
-                 source.num_classes, out_dir, data.tokenizer)
-    if source.num_classes > config.model.num_classes:
-        raise ValueError(f"{source.name} has {source.num_classes} classes but config.model.num_classes is "
-                         f"{config.model.num_classes}.")
-    return extract_codes(encoder, source, out_dir, image_size=data.image_size, views=data.views,
-                         crop_ratio=data.crop_ratio, flip_views=data.flip_views,
-                         batch_size=data.extract_batch_size, records_per_shard=data.records_per_shard,
-                         tokenizer_id=data.tokenizer, expected_grid_shape=config.model.grid_shape,
-                         workers=data.extract_workers)

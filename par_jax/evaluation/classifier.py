@@ -29,7 +29,7 @@ from etils import epath
 from flax import nnx
 
 from par_jax.data import sources
-from par_jax.core import checkpoint
+from par_jax.core import checkpoint, loop
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -156,6 +156,10 @@ def train(settings: TrainSettings = TrainSettings(), *, data: tuple[np.ndarray, 
         batch = place(images[idx], rng.integers(0, IMAGE_SIZE - 28 + 1, (len(idx), 2)))
         loss, acc = _train_step(model, optimizer, jnp.asarray(batch), jnp.asarray(labels[idx]))
         if step % settings.log_every == 0 or step == settings.steps:
+            # The loop kit's guard: the model returned here is saved by load_or_train, so its state is checked too.
+            loop.check_finite(step, {"loss": loss, "param_norm": optax.global_norm(nnx.state(model, nnx.Param))},
+                              kept=lambda: "nothing was saved",
+                              hint="Lower TrainSettings.learning_rate or check the training images.")
             rate = step / (time.time() - start)
             history.append({"step": step, "loss": float(loss), "accuracy": float(acc)})
             logging.info("classifier step %d/%d: loss %.4f, batch accuracy %.3f, %.1f steps/s, ETA %.0fs", step,

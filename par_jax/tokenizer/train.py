@@ -27,118 +27,28 @@ import os
 import time
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from par_jax.data import sources as sources_lib
-from par_jax.data import views as views_lib
+from par_jax.data.image_pipeline import eval_batches, make_train_loader
 from par_jax.tokenizer import losses as losses_lib
 from par_jax.tokenizer import vq
+from par_jax import tokenizer as tokenizer_lib
 from par_jax.core import checkpoint as ckpt_lib
+from par_jax.core import loop
 from par_jax.core import mesh as mesh_lib
 from par_jax.core import optim
 from par_jax.core import sharding as sharding_lib
 from par_jax.utils import images as images_lib
 
-TRAIN_VIEWS = ("pad", "resize", "center", "random_crop")
-EVAL_VIEWS = ("pad", "resize", "center")
 EXPORT_DIR = "tokenizer"
-
-
-# ----- input --------------------------------------------------------------------------------------------------
-
-def random_crop(image: np.ndarray, size: int, rng: np.random.Generator, min_crop_frac: float = 0.8) -> np.ndarray:
-    """LlamaGen's training crop: scale the short side to a random length in [size, size / min_crop_frac], then take
-    a random size x size crop."""
-    h, w = image.shape[:2]
-    short = rng.uniform(size, size / min_crop_frac)
-    scale = short / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    from PIL import Image  # noqa: PLC0415
-    image = np.asarray(Image.fromarray(image).resize((nw, nh), resample=Image.Resampling.BICUBIC))
-    top, left = rng.integers(0, nh - size + 1), rng.integers(0, nw - size + 1)
-    return image[top:top + size, left:left + size]
-
-
-class TrainView(grain.transforms.RandomMap):
-    """(image uint8 (H, W, 3), label) -> uint8 (size, size, 3): the configured view, optionally flipped."""
-
-    def __init__(self, size: int, view: str, flip: bool):
-        self.size, self.view, self.flip = size, view, flip
-
-    def random_map(self, element, rng: np.random.Generator):
-        image = element[0]
-        if self.view == "random_crop":
-            image = random_crop(image, self.size, rng)
-        else:
-            image = views_lib.make_views(image, self.view, self.size)[0]
-        if self.flip and rng.random() < 0.5:
-            image = image[:, ::-1]
-        return np.ascontiguousarray(image)
-
-
-class EvalView(grain.transforms.Map):
-    def __init__(self, size: int, view: str):
-        self.size, self.view = size, view
-
-    def map(self, element):
-        return views_lib.make_views(element[0], self.view, self.size)[0]
-
-
-def image_source(config, split: str):
-    d = config.data
-    return sources_lib.make_image_source(d.image_source, split=split, data_dir=d.tfds_data_dir or None,
-                                         download=d.download, image_size=d.image_size, count=d.synthetic_count,
-                                         seed=d.seed if split == d.train_split else d.seed + 1)
-
-
-def make_train_loader(config, local_batch: int) -> grain.DataLoader:
-    """Endless shuffled uint8 batches (local_batch, S, S, 3) for this process; its iterator state is checkpointed."""
-    d = config.data
-    if d.train_view not in TRAIN_VIEWS:
-        raise ValueError(f"unknown data.train_view {d.train_view!r}; choose one of {TRAIN_VIEWS}.")
-    source = image_source(config, d.train_split)
-    shard = grain.sharding.ShardOptions(shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                        drop_remainder=True)
-    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
-                                          num_epochs=None, seed=d.seed)
-    logging.info("tokenizer training images: %s (%d), view %s at %dpx", source.name, len(source), d.train_view,
-                 d.image_size)
-    return grain.DataLoader(
-        data_source=source, sampler=sampler, shard_options=shard,
-        operations=[TrainView(d.image_size, d.train_view, d.flip),
-                    grain.transforms.Batch(batch_size=local_batch, drop_remainder=True)],
-        worker_count=d.worker_count,
-        read_options=grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch))
-
-
-def eval_batches(config, local_batch: int, num_images: int):
-    """Yields (uint8 (local_batch, S, S, 3), valid bool (local_batch,)) over the first `num_images` images of the
-    eval split (all of it when <= 0), split over processes; the last batch is padded and masked."""
-    d = config.data
-    if d.eval_view not in EVAL_VIEWS:
-        raise ValueError(f"unknown data.eval_view {d.eval_view!r}; choose one of {EVAL_VIEWS}.")
-    source = image_source(config, d.eval_split)
-    total = len(source) if num_images <= 0 else min(num_images, len(source))
-    count = jax.process_count()
-    per_process = -(-total // count)
-    start = jax.process_index() * per_process
-    indices = list(range(start, min(start + per_process, total)))
-    view = EvalView(d.image_size, d.eval_view)
-    for i in range(0, per_process, local_batch):
-        chunk = indices[i:i + local_batch]
-        images = np.zeros((local_batch, d.image_size, d.image_size, 3), np.uint8)
-        for j, index in enumerate(chunk):
-            images[j] = view.map(source[index])
-        yield images, np.arange(local_batch) < len(chunk)
+NONFINITE_HINT = "Lower optimizer.lr (or raise its warmup) or check the images."
 
 
 def to_float(images):
@@ -186,10 +96,6 @@ def init_state(cfg: vq.VQConfig, loss_cfg, seed: int, tx, disc_tx) -> dict:
     return state_from_params(params, disc_params, tx, disc_tx)
 
 
-def _tree_norm(tree):
-    return optax.global_norm(tree)
-
-
 # ----- the update step ----------------------------------------------------------------------------------------
 
 def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, perceptual, gan: bool, cfg):
@@ -221,8 +127,8 @@ def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, p
     (loss, (aux, recon, codes)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state["params"])
     updates, opt_vq = tx.update(grads, state["opt_state"]["vq"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, **aux, "grad_norm": _tree_norm(grads), "update_norm": _tree_norm(updates),
-               "param_norm": _tree_norm(params),
+    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates),
+               "param_norm": optax.global_norm(params),
                "psnr": jnp.mean(psnr(x, jnp.clip(recon, -1, 1)))}
     opt_state = dict(state["opt_state"], vq=opt_vq)
 
@@ -239,7 +145,7 @@ def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, p
         dupdates, dopt = disc_tx.update(dgrads, disc_state["opt_state"], disc_state["params"])
         opt_state["discriminator"] = {"params": optax.apply_updates(disc_state["params"], dupdates),
                                       "opt_state": dopt}
-        metrics.update(disc_loss=d_loss, logits_real=lr_, logits_fake=lf_, disc_grad_norm=_tree_norm(dgrads))
+        metrics.update(disc_loss=d_loss, logits_real=lr_, logits_fake=lf_, disc_grad_norm=optax.global_norm(dgrads))
 
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     return new_state, metrics, losses_lib.code_histogram(codes, cfg.codebook_size)
@@ -302,7 +208,7 @@ def reconstruction_grid(originals, reconstructions, pairs_per_row: int = 8, min_
 def _write_grid(writer, workdir, step, originals, reconstructions):
     grid = reconstruction_grid(originals, reconstructions)
     writer.write_images(step, {"reconstructions": grid[None]})
-    return images_lib.save_png(os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"), grid)
+    return images_lib.save_png(str(epath.Path(workdir) / "reconstructions" / f"step_{step:08d}.png"), grid)
 
 
 def evaluate(params, config, cfg: vq.VQConfig, vq_def, mesh, *, num_images: int, grid_images: int = 0):
@@ -352,28 +258,11 @@ def export(workdir, model: vq.VQModel) -> epath.Path:
     return ckpt_lib.save_params(directory, model)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"loss": {"disc_weight": 0.5}} -> {"loss.disc_weight": 0.5}, non-scalars as strings (for hparams)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, (int, float, bool, str)) else str(v)
-    return out
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Train the tokenizer of `config.tokenizer` as `config` says; returns the final evaluation metrics."""
-    workdir = os.fspath(workdir)
-    if "://" not in workdir:  # orbax needs absolute local paths
-        workdir = os.path.abspath(workdir)
     cfg = vq.from_config_dict(config.tokenizer)
     _check_config(config, cfg)
     loss_cfg, t = config.loss, config.train
-
-    # Logging.
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
 
     # Mesh: tokenizer replicated, batch split over the batch axes.
     mesh = mesh_lib.create_mesh(dict(config.mesh))
@@ -417,88 +306,80 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
                                   state_shardings)
 
-    # Checkpoint: resume from the workdir when it holds one.
-    checkpointer = ckpt_lib.TrainCheckpointer(workdir, max_to_keep=t.keep_checkpoints,
-                                              save_every_steps=t.checkpoint_every)
-    checkpointer.install_sigterm_handler()
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        logging.info("resuming from step %d of %s", latest, workdir)
-        state = checkpointer.restore(latest, abstract_state, data_iter)
-    else:
-        state = jax.jit(functools.partial(init_state, cfg, loss_cfg, config.seed, tx, disc_tx),
-                        out_shardings=state_shardings)()
-    start = int(jax.device_get(state["step"]))
+    # The run (workdir lock, writers, checkpoints, progress): resume from the workdir when it holds a checkpoint.
+    run = loop.Run(workdir, config, job="train_tokenizer", total_steps=t.num_steps, log_every=t.log_every,
+                   checkpoint=loop.CheckpointSettings(every_steps=t.checkpoint_every, keep=t.keep_checkpoints))
+    writer = run.writer
+    try:
+        start, state = run.resume(abstract_state, data_iter, cfg, tokenizer_lib.RUNTIME_FIELDS)
+        if state is None:
+            state = jax.jit(functools.partial(init_state, cfg, loss_cfg, config.seed, tx, disc_tx),
+                            out_shardings=state_shardings)()
 
-    # The update steps: without and with the adversarial loss (switched on at loss.disc_start).
-    def make_step(gan: bool):
-        fn = functools.partial(train_step, vq_def=vq_def, disc_def=disc_def, tx=tx, disc_tx=disc_tx,
-                               loss_cfg=loss_cfg, perceptual=perceptual, gan=gan, cfg=cfg)
-        return jax.jit(fn, in_shardings=(state_shardings, batch_sharding, replicated),
-                       out_shardings=(state_shardings, replicated, replicated), donate_argnums=0)
-    steps = {False: make_step(False)}
-    if loss_cfg.disc_weight > 0:
-        steps[True] = make_step(True)
-    rng = jax.random.key(config.seed + 2)
+        # The update steps: without and with the adversarial loss (switched on at loss.disc_start).
+        def make_step(gan: bool):
+            fn = functools.partial(train_step, vq_def=vq_def, disc_def=disc_def, tx=tx, disc_tx=disc_tx,
+                                   loss_cfg=loss_cfg, perceptual=perceptual, gan=gan, cfg=cfg)
+            return jax.jit(fn, in_shardings=(state_shardings, batch_sharding, replicated),
+                           out_shardings=(state_shardings, replicated, replicated), donate_argnums=0)
+        steps = {False: make_step(False)}
+        if loss_cfg.disc_weight > 0:
+            steps[True] = make_step(True)
+        rng = jax.random.key(config.seed + 2)
 
-    writer.write_hparams(_flat(config.to_dict()))
-    report = periodic_actions.ReportProgress(num_train_steps=t.num_steps, writer=writer, every_steps=t.log_every,
-                                             every_secs=None)
-    window, window_hist, window_start = [], None, time.perf_counter()
-    eval_metrics: dict[str, float] = {}
-    logging.info("training steps %d..%d, batch %d", start, t.num_steps, t.batch_size)
-    step = start
-    with jax.set_mesh(mesh):
-        while step < t.num_steps:
-            images = jax.make_array_from_process_local_data(batch_sharding, next(data_iter))
-            gan = loss_cfg.disc_weight > 0 and step >= loss_cfg.disc_start
-            state, metrics, hist = steps[gan](state, images, rng)
-            step += 1
-            window.append(metrics)
-            window_hist = hist if window_hist is None else window_hist + hist
-            report(step)
+        window, window_hist, window_start = [], None, time.perf_counter()
+        eval_metrics: dict[str, float] = {}
+        logging.info("training steps %d..%d, batch %d", start, t.num_steps, t.batch_size)
+        step = start
+        with jax.set_mesh(mesh):
+            while step < t.num_steps:
+                images = jax.make_array_from_process_local_data(batch_sharding, next(data_iter))
+                gan = loss_cfg.disc_weight > 0 and step >= loss_cfg.disc_start
+                state, metrics, hist = steps[gan](state, images, rng)
+                step += 1
+                window.append(metrics)
+                window_hist = hist if window_hist is None else window_hist + hist
+                run.step_done(step)
 
-            if step % t.log_every == 0 or step == t.num_steps:
-                means = {k: float(np.mean([m[k] for m in jax.device_get(window) if k in m]))
-                         for k in window[-1]}
-                if not all(math.isfinite(v) for v in means.values()):
-                    checkpointer.close()
-                    bad = sorted(k for k, v in means.items() if not math.isfinite(v))
-                    raise FloatingPointError(f"non-finite {bad} at step {step}; the last good checkpoint is kept in "
-                                             f"{checkpointer.directory} (lower optimizer.lr or check the data).")
-                means.update(usage(jax.device_get(window_hist)))
-                means["learning_rate"] = float(schedule(step))
-                means["images_per_sec"] = len(window) * t.batch_size / (time.perf_counter() - window_start)
-                writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
-                logging.info("step %d: loss %.4f, rec %.4f, psnr %.2f, codes used %.1f%% (%d dead), %.1f img/s",
-                             step, means["loss"], means["reconstruction"], means["psnr"], 100 * means["code_usage"],
-                             means["code_dead_codes"], means["images_per_sec"])
-                window, window_hist, window_start = [], None, time.perf_counter()
+                if step % t.log_every == 0 or step == t.num_steps:
+                    means = {k: float(np.mean([m[k] for m in jax.device_get(window) if k in m]))
+                             for k in window[-1]}
+                    run.check_health(step, means, NONFINITE_HINT)
+                    means.update(usage(jax.device_get(window_hist)))
+                    means["learning_rate"] = float(schedule(step))
+                    means["images_per_sec"] = len(window) * t.batch_size / (time.perf_counter() - window_start)
+                    writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+                    logging.info("step %d: loss %.4f, rec %.4f, psnr %.2f, codes used %.1f%% (%d dead), %.1f img/s",
+                                 step, means["loss"], means["reconstruction"], means["psnr"], 100 * means["code_usage"],
+                                 means["code_dead_codes"], means["images_per_sec"])
+                    window, window_hist, window_start = [], None, time.perf_counter()
 
-            last = step == t.num_steps
-            if t.eval_every and (step % t.eval_every == 0 or last):
-                num = config.eval.final_num_images if last else config.eval.num_images
-                eval_metrics, originals, recons = evaluate(state["params"], config, cfg, vq_def, mesh,
-                                                           num_images=num, grid_images=t.grid_images)
-                writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-                path = _write_grid(writer, workdir, step, originals, recons) if jax.process_index() == 0 else ""
-                logging.info("eval at step %d on %d images: mse %.5f, psnr %.2f dB, codes used %.1f%% (%d dead); "
-                             "grid %s", step, eval_metrics["images"], eval_metrics["mse"], eval_metrics["psnr"],
-                             100 * eval_metrics["code_usage"], eval_metrics["code_dead_codes"], path)
+                last = step == t.num_steps
+                if t.eval_every and (step % t.eval_every == 0 or last):
+                    num = config.eval.final_num_images if last else config.eval.num_images
+                    eval_metrics, originals, recons = evaluate(state["params"], config, cfg, vq_def, mesh,
+                                                               num_images=num, grid_images=t.grid_images)
+                    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                    path = _write_grid(writer, run.workdir, step, originals, recons) if jax.process_index() == 0 else ""
+                    logging.info("eval at step %d on %d images: mse %.5f, psnr %.2f dB, codes used %.1f%% (%d dead); "
+                                 "grid %s", step, eval_metrics["images"], eval_metrics["mse"], eval_metrics["psnr"],
+                                 100 * eval_metrics["code_usage"], eval_metrics["code_dead_codes"], path)
 
-            preempted = checkpointer.preempted(step)
-            checkpointer.save(step, state, data_iter, cfg, force=last or preempted)
-            if preempted and not last:
-                checkpointer.close()
-                logging.warning("stopped at step %d after a preemption signal; rerun the same command to resume.",
-                                step)
-                writer.flush()
-                return eval_metrics
-    checkpointer.close()
-    if start >= t.num_steps and t.eval_every:  # resumed a finished run: report its numbers again
-        eval_metrics, _, _ = evaluate(state["params"], config, cfg, vq_def, mesh,
-                                      num_images=config.eval.final_num_images)
-    path = export(workdir, nnx.merge(vq_def, state["params"]))
-    logging.info("tokenizer written to %s (load it with par_jax.tokenizer.load)", path)
-    writer.flush()
-    return eval_metrics
+                preempted = run.preempted(step)
+                if last or preempted or run.should_save(step):
+                    # Every metric of this step, the norm of the parameters being saved among them, must be finite.
+                    run.save(step, state, data_iter, cfg, health=metrics, force=last or preempted,
+                             hint=NONFINITE_HINT)
+                if preempted and not last:
+                    logging.warning("stopped at step %d after a preemption signal; rerun the same command to resume.",
+                                    step)
+                    return eval_metrics
+        if start >= t.num_steps and t.eval_every:  # resumed a finished run: report its numbers again
+            eval_metrics, _, _ = evaluate(state["params"], config, cfg, vq_def, mesh,
+                                          num_images=config.eval.final_num_images)
+        run.checkpointer.wait()
+        path = export(run.workdir, nnx.merge(vq_def, state["params"]))
+        logging.info("tokenizer written to %s (load it with par_jax.tokenizer.load)", path)
+        return eval_metrics
+    finally:
+        run.close()

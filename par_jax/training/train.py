@@ -25,23 +25,24 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
-from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from par_jax.core import checkpoint, loop, optim, sharding
+from par_jax.core import mesh as mesh_lib
 from par_jax.data import pipeline
 from par_jax.model import ModelConfig, ParTransformer, from_config_dict
-from par_jax.core import checkpoint
+from par_jax.model import checkpoint as model_ckpt
 from par_jax.training import evaluators as evaluators_lib
 from par_jax.training import flops as flops_lib
-from par_jax.core import mesh as mesh_lib
-from par_jax.core import optim
-from par_jax.core import sharding
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss (or gradient norm) became NaN or infinite; the run stopped without saving that state."""
+# The loop kit's error, under the name the decoder's docs and tests use.
+NonFiniteLossError = loop.NonFiniteError
+
+NONFINITE_HINT = ("Usual causes: a learning rate too high or too little warmup (optimizer.lr, optimizer.warmup_*), "
+                  "float16 overflow (use model.dtype=bfloat16), or a corrupt batch (token ids outside "
+                  "[0, vocab_size)).")
 
 
 # ----- the train step -----
@@ -223,28 +224,18 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
 # ----- health metrics, progress and the non-finite check -----
 
 class MetricsLog:
-    """Fetches every step's metrics (one step late, so the device stays busy), stops on a non-finite loss, and
-    writes scalars every `every` steps with throughput: steps/s, tokens/s and MFU over the last window."""
+    """Fetches every step's metrics (one step late, so the device stays busy), stops the run on a non-finite one,
+    and writes scalars every `every` steps with throughput: steps/s, tokens/s and MFU over the last window."""
 
-    def __init__(self, writer, every: int, tokens_per_step: int, flops_per_step: float, peak_flops: float,
-                 ckpt: checkpoint.TrainCheckpointer):
-        self.writer, self.every, self.ckpt = writer, every, ckpt
+    def __init__(self, run: loop.Run, every: int, tokens_per_step: int, flops_per_step: float, peak_flops: float):
+        self.run, self.writer, self.every = run, run.writer, every
         self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.last_loss = float("nan")
 
     def record(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
         values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
-        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            self.ckpt.wait()
-            good = self.ckpt.latest_step()
-            where = (f"the last good checkpoint is step {good} in {self.ckpt.directory}; rerunning the same command "
-                     f"resumes from it" if good is not None else "no checkpoint had been saved yet")
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {step} (loss {values['loss']}, grad norm {values['grad_norm']}, "
-                f"lr {values['lr']:.3g}). Training stopped without saving this state; {where}. Usual causes: a "
-                f"learning rate too high or too little warmup (optimizer.lr, optimizer.warmup_*), float16 overflow "
-                f"(use model.dtype=bfloat16), or a corrupt batch (token ids outside [0, vocab_size)).")
+        self.run.check_health(step, values, NONFINITE_HINT)
         self.last_loss = values["loss"]
         self.window_steps += 1
         if step % self.every == 0:
@@ -263,7 +254,7 @@ class SampleGrids:
     """Every `every` steps: sample one image per class (the first classes), decode with the run's tokenizer, write a
     PNG under WORKDIR/samples and to TensorBoard. Needs par_jax.sampling and config.data.tokenizer."""
 
-    def __init__(self, config, workdir: epath.Path, writer):
+    def __init__(self, config, workdir, writer):
         self.every = int(config.train.sample_every_steps)
         self.config, self.workdir, self.writer = config, workdir, writer
         self._tokenizer = None
@@ -302,16 +293,8 @@ class SampleGrids:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (resuming from `workdir` if it has checkpoints) and return the final train metrics."""
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     model_cfg = from_config_dict(config.model)
     tc = config.train
-    writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
-                              if isinstance(v, (int, float, str, bool))})
-
     mesh = mesh_lib.create_mesh(config.mesh)
     check_config(config, mesh)
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
@@ -325,22 +308,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("model %s: %d parameters; %d steps (%d warmup) at batch %d", config.model.get("size", "?"),
                  sum(x.size for x in jax.tree.leaves(trainer.abstract_state["params"])), total_steps, warmup,
                  tc.batch_size)
-
-    ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=tc.keep_checkpoints,
-                                        save_every_steps=tc.checkpoint_every_steps,
-                                        asynchronous=tc.async_checkpoints)
     evaluators = evaluators_lib.Evaluators(config)
-    samples = SampleGrids(config, workdir, writer)
-    start = ckpt.latest_step()
+
+    run = loop.Run(workdir, config, job="train", total_steps=total_steps, log_every=tc.log_every_steps,
+                   checkpoint=loop.CheckpointSettings(every_steps=tc.checkpoint_every_steps,
+                                                      keep=tc.keep_checkpoints, asynchronous=tc.async_checkpoints))
+    try:
+        return _loop(config, run, trainer, data_iter, evaluators, total_steps)
+    finally:
+        run.close()
+
+
+def _loop(config, run: loop.Run, trainer: Trainer, data_iter, evaluators, total_steps: int) -> dict:
+    tc, model_cfg = config.train, trainer.model_cfg
+    samples = SampleGrids(config, run.workdir, run.writer)
     # No context mesh: every array carries its sharding, and samplers/evaluators set up their own devices.
-    if start is None:
-        start, state = 0, trainer.init()
-    else:
-        state = ckpt.restore(start, trainer.abstract_state, data_iter)
-        logging.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
+    start, state = run.resume(trainer.abstract_state, data_iter, model_cfg, model_ckpt.RUNTIME_FIELDS)
+    if state is None:
+        state = trainer.init()
     if start >= total_steps:
         logging.info("nothing to do: step %d of %d already reached", start, total_steps)
-        ckpt.close()
         return {}
     compiled = trainer.compile(tc.batch_size)
 
@@ -348,49 +335,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flops_per_step = flops_lib.train_flops_per_example(model_cfg) * tc.batch_size
     logging.info("MFU against %.3g FLOP/s per device (%s); %.3g model FLOPs per step", peak, source,
                  flops_per_step)
-    log = MetricsLog(writer, tc.log_every_steps, tc.batch_size * model_cfg.num_tokens, flops_per_step, peak,
-                     ckpt)
-    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                               every_steps=tc.log_every_steps)
-    ckpt.install_sigterm_handler()
+    log = MetricsLog(run, tc.log_every_steps, tc.batch_size * model_cfg.num_tokens, flops_per_step, peak)
     pending = None
-    try:
-        for step in range(start + 1, total_steps + 1):  # `step` = updates done once this iteration ends
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = compiled(state, trainer.put(next(data_iter)))
-            if pending is not None:
-                log.record(*pending)
-            pending = (step, metrics)
-            progress(step)
-            last, preempted = step == total_steps, ckpt.preempted(step)
-            if last or preempted or ckpt.manager.should_save(step):
-                log.record(*pending)  # never save a state whose loss is not finite
-                pending = None
-                ckpt.save(step, state, data_iter, model_cfg, force=last or preempted)
-            if samples.due(step) or evaluators.due(step, last):
-                with progress.timed("eval"):
-                    model = trainer.model(state)
-                    if samples.due(step):
-                        samples(model, step)
-                    results = evaluators.run(evaluators.due(step, last), model, config, step=step, workdir=workdir)
-                    if results:
-                        writer.write_scalars(step, results)
-            if preempted:
-                logging.warning("preempted: saved step %d, stopping", step)
-                break
+    for step in range(start + 1, total_steps + 1):  # `step` = updates done once this iteration ends
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = compiled(state, trainer.put(next(data_iter)))
         if pending is not None:
             log.record(*pending)
-    finally:
-        ckpt.close()
-        writer.flush()
+        pending = (step, metrics)
+        run.step_done(step)
+        last, preempted = step == total_steps, run.preempted(step)
+        if last or preempted or run.should_save(step):
+            log.record(*pending)
+            pending = None
+            # The metrics include the norms of the parameters just computed: the state saved is the state checked.
+            run.save(step, state, data_iter, model_cfg, health=metrics, force=last or preempted,
+                     hint=NONFINITE_HINT)
+        if samples.due(step) or evaluators.due(step, last):
+            with run.progress.timed("eval"):
+                model = trainer.model(state)
+                if samples.due(step):
+                    samples(model, step)
+                results = evaluators.run(evaluators.due(step, last), model, config, step=step,
+                                         workdir=run.workdir)
+                if results:
+                    run.writer.write_scalars(step, results)
+        if preempted:
+            logging.warning("preempted: saved step %d, stopping", step)
+            break
+    if pending is not None:
+        log.record(*pending)
     return {"step": step, "loss": log.last_loss}
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
