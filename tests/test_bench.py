@@ -1,16 +1,23 @@
 """The benchmark scripts run end to end on tiny shapes and write the JSON their docs describe (no timings asserted)."""
 
 import json
+import pathlib
+
+import pytest
 
 from par_jax import ordering
+from par_jax.bench import data as bench_data
 from par_jax.bench import sample as bench_sample
 from par_jax.bench import train as bench_train
 from par_jax.bench.common import table_bandwidth
+from par_jax.core import config_args
+
+PAR = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "par.py")
 
 
 def test_sample_bench_writes_rows_with_floors(tmp_path, capsys):
     out = tmp_path / "s.json"
-    bench_sample.main(["--size=tiny", "--grid=4x4", "--n=1,4", "--vocab=64", "--num_classes=10", "--runs=3",
+    bench_sample.main(["bench", "--size=tiny", "--grid=4x4", "--n=1,4", "--vocab=64", "--num_classes=10", "--runs=3",
                        "--json", str(out)])
     result = json.loads(out.read_text())
     assert [r["n"] for r in result["results"]] == [1, 4]
@@ -34,7 +41,7 @@ def test_sample_bench_writes_rows_with_floors(tmp_path, capsys):
 
 def test_sample_bench_times_a_baseline_attention_in_the_same_rounds(tmp_path, capsys):
     out = tmp_path / "s.json"
-    bench_sample.main(["--size=tiny", "--grid=4x4", "--n=4", "--vocab=64", "--num_classes=10", "--runs=3",
+    bench_sample.main(["bench", "--size=tiny", "--grid=4x4", "--n=4", "--vocab=64", "--num_classes=10", "--runs=3",
                        "--floor_forms=sampler", "--attention=cpu_kernel", "--baseline_attention=xla",
                        "--json", str(out)])
     (r,) = json.loads(out.read_text())["results"]
@@ -67,6 +74,40 @@ def test_device_bandwidth_table_matches_specific_names_first():
 
 def test_train_bench_writes_mfu(tmp_path):
     out = tmp_path / "t.json"
-    bench_train.main(["--sizes=tiny", "--batch=2", "--res=64", "--runs=3", "--json", str(out)])
+    bench_train.main(["bench", "--sizes=tiny", "--batch=2", "--res=64", "--runs=3", "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["size"] == "tiny" and row["tokens_per_step"] == 2 * 16 and 0 < row["mfu"] < 1
+
+
+def test_benchmarks_take_the_experiment_config_like_every_job(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the config is read by path, from any directory
+    # Sampling: the config's model and sample blocks are the defaults; an explicit flag wins.
+    f = config_args.parse_flags(["bench", f"--config={PAR}:size=L,res=256", "--config.sample.guidance=2.5",
+                                 "--dtype=float32"], bench_sample.define_flags)
+    args = bench_sample.settings_from_flags(f)
+    assert (args.size, args.n, args.grid, args.vocab, args.num_classes) == ("L", "4", (16, 16), 16384, 1000)
+    assert (args.guidance, args.dtype) == (2.5, "float32")
+    args = bench_sample.settings_from_flags(config_args.parse_flags(["bench"], bench_sample.define_flags))
+    assert (args.size, args.n, args.grid, args.dtype) == ("B", "1,4,16", (24, 24), "float32")  # no config: flags
+    # Training: one config per size; --sizes/--res/--n are the config's arguments, given once.
+    f = config_args.parse_flags(["bench", f"--config={PAR}:size=B,n=16", "--res=128",
+                                 "--config.model.remat=full"], bench_train.define_flags)
+    (config,) = bench_train.experiments(f)
+    assert (config.model.size, config.model.n, config.model.grid_shape, config.model.remat) == ("B", 16, (8, 8), "full")
+    default = bench_train.experiments(config_args.parse_flags(["bench"], bench_train.define_flags))
+    assert [(c.model.size, c.model.grid_shape) for c in default] == [("tiny", (16, 16)), ("B", (16, 16))]
+    with pytest.raises(config_args.UsageError, match="size is given twice"):
+        bench_train.experiments(config_args.parse_flags(["bench", f"--config={PAR}:size=B", "--sizes=L"],
+                                                        bench_train.define_flags))
+    with pytest.raises(config_args.UsageError, match="runs"):  # at least 3 timed runs
+        config_args.parse_flags(["bench", "--runs=2"], bench_train.define_flags)
+
+
+def test_data_bench_writes_codes_of_the_config_grid(tmp_path):
+    out = tmp_path / "d.json"
+    bench_data.main(["bench", f"--config={PAR}:res=128", "--records=64", "--batch=16", "--repeats=1",
+                     "--read_threads=1", f"--out={out}"])
+    result = json.loads(out.read_text())
+    assert result["config"] == "configs/par.py:res=128" and result["grid"] == [8, 8]
+    assert set(result["rows"]) == {"raw read", "train loader", "synthetic loader", "ten_crop views"}
+    assert all(rate > 0 for rate in result["rows"].values())

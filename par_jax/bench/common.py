@@ -1,4 +1,5 @@
-"""What every benchmark records about the machine it ran on."""
+"""What every benchmark shares: its experiment config (--config, as every job takes it) and what it records about
+the machine it ran on."""
 
 from __future__ import annotations
 
@@ -6,6 +7,52 @@ import os
 import platform
 
 import jax
+from absl import flags
+
+from par_jax.core import config_args
+
+# The benchmarks run from a checkout; without --config they use its configs/par.py.
+CHECKOUT_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "configs")
+
+
+def define_config(fv: flags.FlagValues, argv, default: str) -> None:
+    """--config=FILE.py[:ARGS] (default: `default` in the checkout's configs/, e.g. "par.py:res=256")."""
+    config_args.define_config(fv, argv, f"Experiment config, e.g. configs/par.py:size=B (default: the checkout's "
+                              f"configs/{default}). --config.FIELD=VALUE overrides apply to every row.")
+
+
+def arg_keys(arg: str) -> set[str]:
+    """The keys named in a config argument string: 'size=B,runlocal' -> {'size', 'runlocal'}."""
+    return {item.partition("=")[0].strip() for item in arg.split(",") if item.strip()}
+
+
+def experiment_spec(fv: flags.FlagValues, default: str) -> tuple[str, str, dict]:
+    """(config file, its argument string, the --config.FIELD overrides) of --config, or of the default."""
+    from ml_collections.config_flags import config_flags  # noqa: PLC0415
+
+    if fv["config"].value is None:
+        file, _, arg = os.path.join(CHECKOUT_CONFIGS, default).partition(":")
+        return file, arg, {}
+    file, _, arg = config_flags.get_config_filename(fv["config"]).partition(":")
+    return file, arg, dict(fv["config"].override_values)
+
+
+def describe(spec: tuple[str, str, dict]) -> str:
+    """The config as a command line would name it (checkout paths relative to the checkout), for benchmark JSON."""
+    file, arg, overrides = spec
+    root = os.path.dirname(CHECKOUT_CONFIGS)
+    if os.path.abspath(file).startswith(root + os.sep):
+        file = os.path.relpath(os.path.abspath(file), root)
+    return f"{file}:{arg}" if arg else file
+
+
+def experiment(spec: tuple[str, str, dict], *extra: str):
+    """The config of `spec` with more arguments appended (a later key wins), and the overrides applied."""
+    file, arg, overrides = spec
+    config = config_args.load_config(f"{file}:{','.join(a for a in (arg, *extra) if a)}")
+    config.update_from_flattened_dict(overrides)
+    return config
 
 
 def machine() -> dict:

@@ -1,6 +1,11 @@
 r"""Input-pipeline benchmark: how fast the data side runs next to what training and extraction need.
 
-    python -m par_jax.bench.data [--records=4096] [--batch=256] [--repeats=5] [--out=bench_data.json]
+    python -m par_jax.bench.data [--config=configs/par.py:size=XL,n=4,res=384] [--records=4096] [--batch=256] \
+        [--repeats=5] [--out=bench_data.json]
+
+The codes have the config's grid, vocabulary and classes (default: the checkout's configs/par.py:size=XL,n=4,
+res=384, ImageNet at 384 px: 24x24 tokens) and its data settings (--config.data.prefetch=...); --read_threads
+sets config.data.read_threads.
 
 Rows (medians over `repeats` runs; ratios against the raw ArrayRecord read of the same records in this process):
   raw read          ArrayRecord bytes only (the baseline)
@@ -11,7 +16,6 @@ Rows (medians over `repeats` runs; ratios against the raw ArrayRecord read of th
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -20,8 +24,10 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
 
-from configs import common
+from par_jax.bench import common
+from par_jax.core import config_args
 from par_jax.data import codes as codes_lib
 from par_jax.data import pipeline, views
 
@@ -35,23 +41,33 @@ def _median_rate(fn, items: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--read_threads", type=int, default=4)
-    parser.add_argument("--out", default="bench_data.json")
-    args = parser.parse_args(argv)
+DEFAULT_CONFIG = "par.py:size=XL,n=4,res=384"
 
-    grid, num_views, vocab = (24, 24), 10, 16384
+
+def define_flags(fv: flags.FlagValues, argv) -> None:
+    common.define_config(fv, argv, DEFAULT_CONFIG)
+    flags.DEFINE_integer("records", 4096, "Records of 10 views written and read.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("batch", 256, "Samples per batch.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "Runs per row (median reported).", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("read_threads", 4, "config.data.read_threads of the loaders.", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_string("out", "bench_data.json", "Where the rows go.", flag_values=fv)
+
+
+def main(argv=None):
+    args = config_args.parse_flags(argv, define_flags, doc=__doc__)
+    spec = common.experiment_spec(args, DEFAULT_CONFIG)
+    base = common.experiment(spec)
+    grid, num_views, vocab = tuple(base.model.grid_shape), 10, int(base.model.vocab_size)
+    num_classes = int(base.model.num_classes)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        records = ((rng.integers(0, vocab, (num_views, *grid)), int(rng.integers(1000))) for _ in range(args.records))
-        codes_lib.write_codes(tmp, records, grid_shape=grid, num_views=num_views, vocab_size=vocab, num_classes=1000,
-                              records_per_shard=1024)
-        config = common.par_config("size=XL,n=4,res=384")
-        config.data.update(codes_dir=tmp, read_threads=args.read_threads, prefetch=8)
+        records = ((rng.integers(0, vocab, (num_views, *grid)), int(rng.integers(num_classes)))
+                   for _ in range(args.records))
+        codes_lib.write_codes(tmp, records, grid_shape=grid, num_views=num_views, vocab_size=vocab,
+                              num_classes=num_classes, records_per_shard=1024)
+        config = common.experiment(spec)
+        config.data.update(source="codes", codes_dir=tmp, read_threads=args.read_threads)
         steps = args.records // args.batch
         source = codes_lib.CodesSource(tmp)
 
@@ -66,24 +82,25 @@ def main(argv=None):
                     next(it)
             return run
 
-        synthetic = common.par_config("size=XL,n=4,res=384")
+        synthetic = common.experiment(spec)
         synthetic.data.update(source="synthetic", synthetic_count=args.records, synthetic_views=2,
-                              read_threads=args.read_threads, prefetch=8)
+                              read_threads=args.read_threads)
         photo = rng.integers(0, 256, (375, 500, 3), np.uint8)
         samples = steps * args.batch
         rows = {
             "raw read": _median_rate(raw_read, args.records, args.repeats),
             "train loader": _median_rate(loader_run(config), samples, args.repeats),
             "synthetic loader": _median_rate(loader_run(synthetic), samples, args.repeats),
-            "ten_crop views": _median_rate(lambda: [views.make_views(photo, "ten_crop", 384) for _ in range(20)],
+            "ten_crop views": _median_rate(lambda: [views.make_views(photo, "ten_crop", int(base.data.image_size))
+                                                          for _ in range(20)],
                                            20, args.repeats),
         }
     base = rows["raw read"]
     print(f"{'what':<18} {'items/s':>10} {'vs raw read':>12}   (median of {args.repeats}; items = samples or images)")
     for name, rate in rows.items():
         print(f"{name:<18} {rate:>10.0f} {rate / base:>11.2f}x")
-    result = dict(rows=rows, records=args.records, batch=args.batch, repeats=args.repeats,
-                  read_threads=args.read_threads, machine=dict(platform=platform.platform(),
+    result = dict(rows=rows, config=common.describe(spec), grid=list(grid), records=args.records, batch=args.batch,
+                  repeats=args.repeats, read_threads=args.read_threads, machine=dict(platform=platform.platform(),
                                                                processor=platform.processor(),
                                                                cpus=os.cpu_count()))
     with open(args.out, "w") as f:
@@ -93,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    config_args.run(main)

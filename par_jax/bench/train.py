@@ -1,6 +1,12 @@
 r"""Training speed: step time, tokens/s and MFU of the real train step, against a matmul peak measured in this run.
 
-    python -m par_jax.bench.train [--sizes=tiny,B] [--batch=16,2] [--res=256] [--n=4] [--runs=5] [--json=bench_train.json]
+    python -m par_jax.bench.train [--config=configs/par.py:res=256] [--sizes=tiny,B] [--batch=16,2] [--runs=5] \
+        [--json=bench_train.json]
+
+The experiment is --config (default: the checkout's configs/par.py:res=256), overrides included
+(--config.model.remat=full); --sizes, --res and --n are its size, res and n arguments (one row per size; each
+may be given in --config or as the flag, not both). --batch is the global batch per size (default 16 for tiny,
+else 2).
 
 For each size, the compiled step of `par_jax.training.train` (AdamW, clipping, dropout on, donated state, the
 config's mesh over all local devices) runs on random codes: one warm-up step, then `--runs` steps each timed to
@@ -13,22 +19,24 @@ accelerators the vendor bfloat16 figure. Compile time and XLA's temporary memory
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
+import types
 
 import jax
 import numpy as np
+from absl import flags
 
-from configs import common
+from par_jax.bench import common
 from par_jax.bench.common import machine
+from par_jax.core import config_args
 from par_jax.core import mesh as mesh_lib, optim
 from par_jax.training import flops, train
 
 
-def bench_size(size: str, batch: int, args, probe: flops.MatmulProbe | None) -> dict:
-    config = common.par_config(f"size={size},n={args.n},res={args.res}")
+def bench_size(config, batch: int, args, probe: flops.MatmulProbe | None) -> dict:
+    size = config.model.size
     config.model.dtype = args.dtype
     config.train.batch_size = batch
     mesh = mesh_lib.create_mesh(config.mesh)
@@ -67,21 +75,51 @@ def bench_size(size: str, batch: int, args, probe: flops.MatmulProbe | None) -> 
     }
 
 
+DEFAULT_CONFIG = "par.py:res=256"
+
+
+def define_flags(fv: flags.FlagValues, argv) -> None:
+    common.define_config(fv, argv, DEFAULT_CONFIG)
+    flags.DEFINE_list("sizes", None, "Model sizes, one row each (default: the config's size= argument, else tiny,B).",
+                      flag_values=fv)
+    flags.DEFINE_list("batch", None, "Global batch per size, same order (default: 16 for tiny, else 2).",
+                      flag_values=fv)
+    flags.DEFINE_integer("res", None, "Image resolution, the config's res= argument (tokens per side = res / 16).",
+                         flag_values=fv)
+    flags.DEFINE_integer("n", None, "Tokens per parallel step, the config's n= argument.", flag_values=fv)
+    flags.DEFINE_string("dtype", None, "Compute dtype (default: float32 on CPU, else bfloat16).", flag_values=fv)
+    flags.DEFINE_integer("runs", 5, "Timed steps after the warm-up (median reported); at least 3.", lower_bound=3,
+                         flag_values=fv)
+    flags.DEFINE_string("json", "bench_train.json", "Where the rows go.", flag_values=fv)
+
+
+def experiments(f: flags.FlagValues) -> list:
+    """One experiment config per size: --config with the size (and --res, --n when given) as arguments."""
+    spec = common.experiment_spec(f, DEFAULT_CONFIG)
+    given = common.arg_keys(spec[1]) if f["config"].value is not None else set()  # the default's give way
+    extra = []
+    for key in ("res", "n"):
+        if f[key].value is not None:
+            if key in given:
+                raise config_args.UsageError(f"{key} is given twice: in --config ({spec[1]}) and as --{key}.")
+            extra.append(f"{key}={f[key].value}")
+    if f.sizes and "size" in given:
+        raise config_args.UsageError(f"size is given twice: in --config ({spec[1]}) and as --sizes.")
+    sizes = f.sizes or ([None] if "size" in given else ["tiny", "B"])
+    return [common.experiment(spec, *extra, *([f"size={s}"] if s else [])) for s in sizes]
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="tiny,B")
-    p.add_argument("--batch", default="16,2", help="global batch per size (comma-separated, same order)")
-    p.add_argument("--res", default=256, type=int, help="image resolution (tokens per side = res / 16)")
-    p.add_argument("--n", default=4, type=int)
-    p.add_argument("--dtype", default="float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
-    p.add_argument("--runs", default=5, type=int, help="timed steps after the warm-up (median reported)")
-    p.add_argument("--json", default="bench_train.json")
-    args = p.parse_args(argv)
-    sizes, batches = args.sizes.split(","), [int(b) for b in args.batch.split(",")]
+    f = config_args.parse_flags(argv, define_flags, doc=__doc__)
+    configs = experiments(f)
+    sizes = [c.model.size for c in configs]
+    batches = [int(b) for b in f.batch] if f.batch else [16 if s == "tiny" else 2 for s in sizes]
     if len(batches) != len(sizes):
-        p.error(f"--batch needs one value per size ({len(sizes)}), got {len(batches)}.")
-    if args.runs < 3:
-        p.error("--runs must be at least 3 (the median of several runs is reported).")
+        raise config_args.UsageError(f"--batch needs one value per size ({len(sizes)}), got {len(batches)}.")
+    dtype = f.dtype or ("float32" if jax.devices()[0].platform == "cpu" else "bfloat16")
+    args = types.SimpleNamespace(sizes=",".join(sizes), batch=",".join(map(str, batches)), dtype=dtype,
+                                 res=configs[0].model.grid_shape[0] * 16, n=configs[0].model.n, runs=f.runs,
+                                 json=f.json, config=common.describe(common.experiment_spec(f, DEFAULT_CONFIG)))
 
     info = machine()
     table_peak = flops.table_peak_flops(jax.local_devices()[0], args.dtype)
@@ -95,8 +133,9 @@ def main(argv=None):
     print(f"# {info['cpu']} ({info['cpu_count']} cores), {info['platform']} x{info['device_count']}, jax "
           f"{info['jax']}, load average {info['loadavg_start']:.2f}")
     rows = []
-    for size, batch in zip(sizes, batches):
-        r = bench_size(size, batch, args, probe)
+    for config, batch in zip(configs, batches):
+        r = bench_size(config, batch, args, probe)
+        r["config_arg"] = config.arg
         peak = statistics.median(r["matmul_flops_per_s_runs"]) if probe else table_peak
         r.update(peak_flops_per_device=peak, peak_source=source,
                  mfu=r["achieved_flops_per_s"] / (peak * jax.device_count()))
@@ -116,4 +155,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    config_args.run(main)
