@@ -375,7 +375,7 @@ def test_synthetic_codes_have_learnable_structure():
 # Errors
 
 
-def test_damaged_shard_names_file_and_record(tmp_path):
+def test_damaged_shard_names_file_and_record(tmp_path, monkeypatch):
     write_identity_codes(tmp_path, count=20, records_per_shard=10)
     path = tmp_path / codes_lib.shard_name(0, 1)
     data = bytearray(path.read_bytes())
@@ -385,9 +385,18 @@ def test_damaged_shard_names_file_and_record(tmp_path):
     source[3]  # shard 0 is fine
     with pytest.raises(codes_lib.CorruptRecordError, match=rf"{path.name}, record 0 \(global index 10\)"):
         source[10]
+    # Small codes are verified whole when the train loader is made: the run stops before its first step.
+    with pytest.raises(codes_lib.CorruptRecordError, match=path.name):
+        pipeline.make_train_loader(make_config(tmp_path), global_batch_size=20)
+    # Codes too large to verify at start: the bad record is still named when it is read.
+    monkeypatch.setattr(codes_lib, "VERIFY_AT_START_BYTES", 0)
     loader = pipeline.make_train_loader(make_config(tmp_path), global_batch_size=20)
     with pytest.raises(codes_lib.CorruptRecordError, match=path.name):
         next(iter(loader))
+    # The ahead-of-time pass names the file too, and exits non-zero.
+    proc = subprocess.run([sys.executable, "-m", "par_jax.data.codes", f"--verify={tmp_path}"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and path.name in proc.stderr, proc.stderr[-2000:]
 
 
 def test_mismatched_record_names_file_and_record(tmp_path):

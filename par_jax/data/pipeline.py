@@ -18,7 +18,7 @@ from __future__ import annotations
 import grain
 import jax
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from par_jax.data import codes as codes_lib
 
@@ -109,6 +109,12 @@ def make_train_loader(config, *, global_batch_size: int, process_index: int | No
     process_index, process_count = _process(process_index, process_count)
     batch = local_batch_size(global_batch_size, process_count)
     source = make_codes_source(config)
+    if isinstance(source, codes_lib.CodesSource):
+        if codes_lib.shard_bytes(source) <= codes_lib.VERIFY_AT_START_BYTES:
+            codes_lib.verify_source(source)  # a damaged record stops the run now, not when first read
+        else:
+            logging.info("codes in %s are too large to verify at start; `python -m par_jax.data.codes --verify=%s` "
+                         "reads and checks every record ahead of a run", source.directory, source.directory)
     if len(source) < process_count:
         raise ValueError(f"{len(source)} records cannot be split over {process_count} processes.")
     if not 0 <= data.seed < 2**32:
