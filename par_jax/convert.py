@@ -14,24 +14,30 @@ the host CPU and needs about twice the checkpoint's size in memory.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-_KIND = flags.DEFINE_enum("kind", None, ["gpt", "vq"], "What the input holds: the GPT decoder or the VQ tokenizer.")
-_INPUT = flags.DEFINE_string("input", None, "A .pt/.pth/.bin, .safetensors or .npz file of the PyTorch release.")
-_OUTPUT = flags.DEFINE_string("output", None, "New directory for the converted checkpoint (must not exist).")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config whose `model` block (gpt) or `tokenizer` block (vq) the weights must fit, "
-    "e.g. configs/par.py:size=XL,n=4,res=384. Optional for vq (default: VQ-16).")
-_KEY = flags.DEFINE_string("key", None, "Entry of the checkpoint that holds the weights (e.g. ema); default: the "
-                           "file itself if it holds tensors, else `model`, `module` or `state_dict`.")
-_TRUST_PICKLE = flags.DEFINE_bool("trust_pickle", False, "Allow arbitrary pickled objects in .pt files (only for "
-                                  "files you trust: unpickling can run code).")
-_ALLOW_BAD_VALUES = flags.DEFINE_bool("allow_bad_values", False, "Convert weights that hold NaN, inf or absurdly large "
-                                      "values (refused by default: they mark a damaged file).")
+from par_jax.core import config_args
+
+
+def define_flags(fv: flags.FlagValues, argv) -> None:
+    flags.DEFINE_enum("kind", None, ["gpt", "vq"], "What the input holds: the GPT decoder or the VQ tokenizer.",
+                      flag_values=fv)
+    flags.DEFINE_string("input", None, "A .pt/.pth/.bin, .safetensors or .npz file of the PyTorch release.",
+                        flag_values=fv)
+    flags.DEFINE_string("output", None, "New directory for the converted checkpoint (must not exist).",
+                        flag_values=fv)
+    config_args.define_config(fv, argv, "Experiment config whose `model` block (gpt) or `tokenizer` block (vq) the "
+                              "weights must fit, e.g. configs/par.py:size=XL,n=4,res=384. Optional for vq (default: "
+                              "VQ-16).")
+    flags.DEFINE_string("key", None, "Entry of the checkpoint that holds the weights (e.g. ema); default: the file "
+                        "itself if it holds tensors, else `model`, `module` or `state_dict`.", flag_values=fv)
+    flags.DEFINE_bool("trust_pickle", False, "Allow arbitrary pickled objects in .pt files (only for files you "
+                      "trust: unpickling can run code).", flag_values=fv)
+    flags.DEFINE_bool("allow_bad_values", False, "Convert weights that hold NaN, inf or absurdly large values "
+                      "(refused by default: they mark a damaged file).", flag_values=fv)
+    flags.mark_flags_as_required(["kind", "input", "output"], flag_values=fv)
 
 
 def _gib(state_dict) -> float:
@@ -90,35 +96,33 @@ def tokenizer_config(config):
     return tokenizer.vq_config("vq16")
 
 
-def main(argv):
-    del argv
-    import jax  # noqa: PLC0415
+def main(argv=None) -> None:
+    f = config_args.parse_flags(argv, define_flags, doc=__doc__)
+    config = f.config
+    if f.kind == "gpt" and (config is None or "model" not in config):
+        raise config_args.UsageError("--kind=gpt needs --config with a model block, e.g. "
+                                     "--config=configs/par.py:size=XL,n=4,res=384.")
+    import jax  # noqa: PLC0415 (after the command line is checked)
 
     from par_jax.conversion import ConversionError  # noqa: PLC0415
 
-    config = _CONFIG.value
     try:
         # Host work: keep the arrays off accelerators (a 3B model would not fit on one).
         with jax.default_device(jax.devices("cpu")[0]):
-            if _KIND.value == "gpt":
-                if config is None or "model" not in config:
-                    raise app.UsageError("--kind=gpt needs --config with a model block, e.g. "
-                                         "--config=configs/par.py:size=XL,n=4,res=384.")
+            if f.kind == "gpt":
                 from par_jax.model import from_config_dict  # noqa: PLC0415
-                convert_gpt(_INPUT.value, from_config_dict(config.model), _OUTPUT.value, key=_KEY.value,
-                            trust_pickle=_TRUST_PICKLE.value, check_values=not _ALLOW_BAD_VALUES.value)
+                convert_gpt(f.input, from_config_dict(config.model), f.output, key=f.key,
+                            trust_pickle=f.trust_pickle, check_values=not f.allow_bad_values)
             else:
-                convert_vq(_INPUT.value, tokenizer_config(config), _OUTPUT.value, key=_KEY.value,
-                           trust_pickle=_TRUST_PICKLE.value, check_values=not _ALLOW_BAD_VALUES.value)
+                convert_vq(f.input, tokenizer_config(config), f.output, key=f.key,
+                           trust_pickle=f.trust_pickle, check_values=not f.allow_bad_values)
     except (ConversionError, FileNotFoundError, FileExistsError, ImportError, ValueError, KeyError) as e:
         # A bad file or a misfit is the user's to fix: a short message and exit status 2, not a traceback.
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         if isinstance(e, ConversionError):
-            message = f"{_INPUT.value}: {message}"
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+            message = f"{f.input}: {message}"
+        raise config_args.UsageError(message) from None
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["kind", "input", "output"])
-    app.run(main)
+    config_args.run(main)

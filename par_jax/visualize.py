@@ -3,11 +3,11 @@
     python -m par_jax.visualize --grid=16,16 --n=4,16 --out=docs/images/orders.png
 """
 
-import argparse
-
 import numpy as np
+from absl import flags
 
 from par_jax import ordering
+from par_jax.core import config_args
 
 
 def plot_orders(path: str, grid_shape=(16, 16), ns=(1, 4, 16)) -> None:
@@ -86,19 +86,32 @@ def plot_architecture(path: str) -> None:
     plt.close(fig)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", default="16,16")
-    p.add_argument("--n", default="1,4,16")
-    p.add_argument("--out", default="docs/images/orders.png")
-    p.add_argument("--architecture", default="", help="also draw the module diagram to this PNG")
-    a = p.parse_args()
-    if a.architecture:
-        plot_architecture(a.architecture)
-        print(f"wrote {a.architecture}")
-    plot_orders(a.out, tuple(int(x) for x in a.grid.split(",")), tuple(int(x) for x in a.n.split(",")))
-    print(f"wrote {a.out}")
+def define_flags(fv: flags.FlagValues, argv) -> None:
+    del argv
+    flags.DEFINE_list("grid", ["16", "16"], "Token grid, H,W.", flag_values=fv)
+    flags.DEFINE_list("n", ["1", "4", "16"], "Tokens per parallel step, one panel each.", flag_values=fv)
+    flags.DEFINE_string("out", "docs/images/orders.png", "The orders picture.", flag_values=fv)
+    flags.DEFINE_string("architecture", "", "Also draw the module diagram to this PNG.", flag_values=fv)
+
+
+def main(argv=None) -> None:
+    f = config_args.parse_flags(argv, define_flags, doc=__doc__)
+    try:
+        grid, ns = tuple(int(x) for x in f.grid), tuple(int(x) for x in f.n)
+    except ValueError:
+        raise config_args.UsageError(f"--grid and --n take comma-separated integers, got --grid={','.join(f.grid)} "
+                                     f"--n={','.join(f.n)}.") from None
+    for n in ns:
+        try:
+            ordering.OrderSpec(grid, n)
+        except ValueError as e:
+            raise config_args.UsageError(f"--n={n}: {e}") from None
+    if f.architecture:
+        plot_architecture(f.architecture)
+        print(f"wrote {f.architecture}")
+    plot_orders(f.out, grid, ns)
+    print(f"wrote {f.out}")
 
 
 if __name__ == "__main__":
-    main()
+    config_args.run(main)

@@ -130,8 +130,11 @@ def make_train_loader(config, *, global_batch_size: int, process_index: int | No
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads, prefetch_buffer_size=data.prefetch))
     if data.worker_count > 0:
         if not flags.FLAGS.is_parsed():
-            # grain's worker processes read absl flags; outside an absl app (tests, notebooks) use their defaults.
-            flags.FLAGS.mark_as_parsed()
+            # grain reads its absl flags when it starts workers; parsing them is the program's edge's business.
+            raise RuntimeError("config.data.worker_count > 0 starts grain worker processes, and grain reads its absl "
+                               "flags: run under an absl app (every par_jax command does), call "
+                               "absl.flags.FLAGS.mark_as_parsed() first (tests, notebooks), or set "
+                               "config.data.worker_count=0.")
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
     return ds
 
