@@ -9,6 +9,8 @@ found before jax is imported; a crash keeps its traceback.
 
 import importlib
 import os
+import signal
+import sys
 
 from absl import flags, logging
 
@@ -41,20 +43,42 @@ def get_job(name: str):
     return getattr(importlib.import_module(module), fn)
 
 
+def _sigterm_during_start_up(signum, frame) -> None:
+    """A SIGTERM before a training loop takes the signal over (imports, set-up, compilation): no step has run, so
+    nothing is lost; say so and exit 128 + 15 rather than die silently. (Python runs a handler between bytecodes:
+    one arriving during a long compilation is acted on when it returns.)"""
+    del frame
+    logging.warning("received signal %d during start-up, before any training step: nothing to save; stopping.",
+                    signum)
+    sys.exit(128 + signum)
+
+
 def main(argv=None) -> None:
     f = config_args.parse_flags(argv, define_flags, doc=__doc__)
     config = f.config
     job = f.job or config.get("job", "train")
     if job not in JOBS:
         raise config_args.UsageError(f"unknown job {job!r} (config.job); known jobs: {', '.join(sorted(JOBS))}.")
-    from par_jax.core import checkpoint, distributed  # noqa: PLC0415 (after flags: multi-host JAX starts before any device use)
+    # Before the heavy imports and jax.distributed (whose preemption service then owns the signal on pods).
+    signal.signal(signal.SIGTERM, _sigterm_during_start_up)
+    # After flags, before any device use (multi-host JAX starts here).
+    from par_jax.core import checkpoint, distributed, loop  # noqa: PLC0415
     distributed.initialize()
     checkpoint.quiet_orbax_logs()  # the process's log policy is the entry point's to set, not the library's
     workdir = f.workdir
     if "://" not in workdir:  # orbax and friends want absolute local paths; a relative --workdir is the cwd's
         workdir = os.path.abspath(workdir)
     logging.info("job %s, workdir %s", job, workdir)
-    get_job(job)(config, workdir)
+    try:
+        get_job(job)(config, workdir)
+    except loop.STOPS as e:  # the run stopped on purpose and its message says why: no traceback
+        logging.error("%s", e)
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
+        logging.flush()
+        # os._exit: a failed asynchronous save can leave orbax threads that crash noisily at interpreter shutdown
+        # (`sys.meta_path is None`), burying the message above. Everything was saved or closed by the job already.
+        os._exit(2 if isinstance(e, loop.IncompatibleCheckpointError) else 1)
 
 
 if __name__ == "__main__":

@@ -513,6 +513,7 @@ def test_extract_codes_job_feeds_the_train_loader(tmp_path, monkeypatch):
     loaded = []
     monkeypatch.setattr(par_jax.tokenizer, "load", lambda path: loaded.append(path) or PatchTokenizer(nnx.Rngs(0)),
                         raising=False)
+    monkeypatch.setattr(par_jax.tokenizer, "fingerprint", lambda model: "f00d")
     config = make_config(tmp_path / "codes", image_source="synthetic", synthetic_count=6, image_size=16,
                          views="center", flip_views=True, extract_batch_size=4, records_per_shard=4)
     config.model.grid_shape, config.model.num_classes = (4, 4), 10
@@ -521,6 +522,7 @@ def test_extract_codes_job_feeds_the_train_loader(tmp_path, monkeypatch):
     config.data.tokenizer = "/somewhere/tokenizer"
     meta = extract_job.run(config, str(tmp_path))
     assert loaded == ["/somewhere/tokenizer"] and meta.tokenizer == "/somewhere/tokenizer"
+    assert meta.extra["tokenizer_fingerprint"] == "f00d"  # decoding checks it (test_tokenizer.py)
     assert meta.count == 6 and meta.num_views == 2 and meta.grid_shape == (4, 4) and len(meta.shards) == 2
     assert pipeline.num_records(config) == 6
     batch = next(iter(pipeline.make_train_loader(config, global_batch_size=4)))

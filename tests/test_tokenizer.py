@@ -316,6 +316,19 @@ def test_a_non_finite_state_between_log_steps_is_never_saved(tmp_path, compile_c
     assert all(np.isfinite(np.asarray(x)).all() for x in params)
 
 
+def test_decoding_with_another_tokenizer_than_the_codes_were_made_with_is_refused(tmp_path):
+    from par_jax.data import codes as codes_lib
+    a, b = vq.VQModel(tiny(), rngs=nnx.Rngs(0)), vq.VQModel(tiny(), rngs=nnx.Rngs(1))
+    assert tokenizer.fingerprint(a) == tokenizer.fingerprint(vq.VQModel(tiny(), rngs=nnx.Rngs(0)))
+    assert tokenizer.fingerprint(a) != tokenizer.fingerprint(b)
+    codes_lib.write_codes(str(tmp_path), [(np.zeros((1, 8, 8), np.int64), 0)], grid_shape=(8, 8), num_views=1,
+                          vocab_size=64, num_classes=1, tokenizer="workdirs/tok_a",
+                          extra={"tokenizer_fingerprint": tokenizer.fingerprint(a)})
+    tokenizer.check_codes_tokenizer(a, str(tmp_path))
+    with pytest.raises(ValueError, match=r"(?s)not the one the training codes.*workdirs/tok_a.*sample.tokenizer"):
+        tokenizer.check_codes_tokenizer(b, str(tmp_path))
+
+
 # ----- perceptual and adversarial losses ---------------------------------------------------------------------------
 
 def test_perceptual_loss_needs_its_weights_file(tmp_path):

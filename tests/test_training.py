@@ -206,3 +206,24 @@ def test_a_non_finite_update_on_a_save_step_is_not_saved(tmp_path, cache_dir):
     assert _steps(workdir)[-1] == 10, _steps(workdir)
     leaves = jax.tree.leaves(checkpoint.params_of(checkpoint.restore_model(workdir)))
     assert leaves and all(np.isfinite(x).all() for x in leaves)
+
+
+def test_sigterm_during_start_up_says_so_and_exits_143(tmp_path, cache_dir):
+    """Before the loop takes SIGTERM over (imports, set-up, compilation) no step has run: the process logs one line
+    and exits 128 + 15, instead of dying silently with -15."""
+    workdir = str(tmp_path / "early")
+    cmd = [sys.executable, "-m", "par_jax.main", "--config=configs/par.py:runlocal", f"--workdir={workdir}",
+           *TINY_FLAGS]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    for line in proc.stderr:  # "job train, workdir ..." is logged before the train job is even imported
+        lines.append(line)
+        if "job train, workdir" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, rest = proc.communicate(timeout=300)
+    err = "".join(lines) + rest
+    assert proc.returncode == 143, err[-3000:]
+    assert "during start-up, before any training step" in err and "Traceback" not in err, err[-3000:]
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints", "1"))

@@ -41,6 +41,10 @@ class IncompatibleCheckpointError(ValueError):
     """The workdir's checkpoints hold a model of another shape than the one configured."""
 
 
+# A run that stopped on purpose and said why in its message: entry points print the message, not a traceback.
+STOPS = (NonFiniteError, IncompatibleCheckpointError, ckpt_lib.CheckpointSaveError, workdir_lib.WorkdirInUseError)
+
+
 def check_finite(step: int, values: Mapping[str, Any], *, kept: Callable[[], str], hint: str = "") -> None:
     """Raise NonFiniteError when any of `values` (scalars) is NaN or infinite. `kept()` says what the user still has
     (called only on failure: it may wait for a save in flight)."""

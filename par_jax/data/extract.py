@@ -110,13 +110,15 @@ def _write_json(path: str, value: Any) -> None:
 def extract_codes(encoder, source: sources_lib.ImageSource, out_dir: str, *, image_size: int,
                   views: str = "ten_crop", crop_ratio: float = 1.1, flip_views: bool = False, batch_size: int = 64,
                   records_per_shard: int = 10_000, vocab_size: int | None = None, tokenizer_id: str = "",
-                  expected_grid_shape=None, workers: int = 8, process_index: int | None = None,
+                  tokenizer_fingerprint: str = "", expected_grid_shape=None, workers: int = 8, process_index: int | None = None,
                   process_count: int | None = None, log_every_s: float = 30.0) -> codes_lib.CodesMetadata | None:
     """Encodes every image of `source` (all its views) into a codes directory `out_dir`.
 
     encoder: a VQModel (anything nnx with `encode(images in [-1, 1]) -> codes (B, h, w)`) or such a function.
     batch_size: images per step on this process (each gives `num_views` encoder inputs).
     vocab_size: the codebook size (read from `encoder.config.codebook_size` when it has one).
+    tokenizer_id / tokenizer_fingerprint: where the tokenizer came from and a digest of its weights, recorded in the
+      metadata so that decoding with another tokenizer can be caught (`par_jax.tokenizer.check_codes_tokenizer`).
     process_index / process_count: default to JAX's. Process 0 writes `metadata.json` once every process has
       written its part (after a barrier when JAX runs several processes), and returns the metadata; others
       return None. To emulate several processes in one, call the others first and process 0 last.
@@ -152,7 +154,7 @@ def extract_codes(encoder, source: sources_lib.ImageSource, out_dir: str, *, ima
     start, end = (len(source) * process_index) // process_count, (len(source) * (process_index + 1)) // process_count
     settings = dict(source=source.name, count=len(source), process_count=process_count, views=views,
                     flip_views=flip_views, image_size=image_size, crop_ratio=crop_ratio, tokenizer=tokenizer_id,
-                    vocab_size=vocab_size, grid_shape=list(grid_shape), records_per_shard=records_per_shard)
+                    tokenizer_fingerprint=tokenizer_fingerprint, vocab_size=vocab_size, grid_shape=list(grid_shape), records_per_shard=records_per_shard)
     settings_path = os.path.join(out_dir, PARTS_DIR, f"settings-{process_index:05d}.json")
     if os.path.exists(settings_path) and _read_json(settings_path) != settings:
         raise ValueError(f"{out_dir} holds codes from another extraction ({settings_path} differs: "
@@ -246,7 +248,8 @@ def finalize_codes(out_dir: str, process_count: int) -> codes_lib.CodesMetadata:
         shards=[tuple(s) for part in parts for s in part["shards"]], tokenizer=first["tokenizer"],
         views=first["views"], eval_view=views_lib.eval_view(first["views"]), image_size=first["image_size"],
         source=first["source"], class_names=first["class_names"],
-        extra=dict(crop_ratio=first["crop_ratio"], flip_views=first["flip_views"]))
+        extra=dict(crop_ratio=first["crop_ratio"], flip_views=first["flip_views"],
+                   tokenizer_fingerprint=first.get("tokenizer_fingerprint", "")))
     meta.save(out_dir)
     logging.info("extract_codes: wrote %d records (%d views of %dx%d codes) in %d shards to %s", meta.count,
                  meta.num_views, *meta.grid_shape, len(meta.shards), out_dir)

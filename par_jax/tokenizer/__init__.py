@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -71,3 +73,23 @@ def load(path, cfg: Optional[VQConfig] = None) -> VQModel:
         params = ckptr.restore(directory, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     logging.info("tokenizer loaded from %s", directory)
     return nnx.merge(graphdef, params)
+
+
+def fingerprint(model: VQModel) -> str:
+    """A short digest of the tokenizer's codebook: two tokenizers that map codes to different vectors differ here.
+    Recorded in a codes directory's metadata by the extract_codes job."""
+    codebook = np.asarray(jax.device_get(model.quantize.embedding[...]), np.float32)
+    return hashlib.sha256(codebook.tobytes()).hexdigest()[:16]
+
+
+def check_codes_tokenizer(model: VQModel, codes_dir: str, where: str = "") -> None:
+    """Raise if `model` is not the tokenizer that made the codes in `codes_dir` (its metadata records a fingerprint
+    since the extract_codes job wrote one; older codes are not checked). Decoding samples of a decoder trained on
+    those codes with another tokenizer gives pictures that look plausible and are wrong."""
+    from par_jax.data import codes as codes_lib  # noqa: PLC0415
+    meta = codes_lib.CodesMetadata.load(codes_dir)
+    recorded = meta.extra.get("tokenizer_fingerprint", "")
+    if recorded and recorded != fingerprint(model):
+        raise ValueError(f"the tokenizer used to decode{where} (fingerprint {fingerprint(model)}) is not the one the "
+                         f"training codes in {codes_dir} were extracted with ({meta.tokenizer!r}, fingerprint "
+                         f"{recorded}): decode with that tokenizer (--config.sample.tokenizer=PATH).")

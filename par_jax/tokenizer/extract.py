@@ -37,5 +37,6 @@ def run(config, workdir: str) -> codes.CodesMetadata | None:
     return extract.extract_codes(encoder, source, out_dir, image_size=data.image_size, views=data.views,
                          crop_ratio=data.crop_ratio, flip_views=data.flip_views,
                          batch_size=data.extract_batch_size, records_per_shard=data.records_per_shard,
-                         tokenizer_id=data.tokenizer, expected_grid_shape=config.model.grid_shape,
+                         tokenizer_id=data.tokenizer,
+                                 tokenizer_fingerprint=tokenizer_lib.fingerprint(encoder), expected_grid_shape=config.model.grid_shape,
                          workers=data.extract_workers)

@@ -6,9 +6,11 @@ checkpoint, evaluators, loop.
   python -m par_jax.main --config=configs/par.py:size=XL,n=4 --workdir=DIR
   python -m par_jax.main --config=configs/par.py:runlocal --workdir=/tmp/par_local      # CPU, minutes
 
-The run resumes by itself from the latest checkpoint in WORKDIR/checkpoints (model, optimizer, step and the data
-iterator's position). A SIGTERM (preemption) saves and stops at the next step; a non-finite loss stops the run at
-once and never overwrites the last good checkpoint.
+The machinery around the update step is the loop kit's (`par_jax.core.loop`, docs/reliability.md): the run owns
+its workdir, resumes by itself from the newest intact checkpoint in WORKDIR/checkpoints (model, optimizer, step and
+the data iterator's position), saves and stops at the next step on SIGTERM (preemption), stops at once on a
+non-finite loss or norm and never saves such a state, and stops at the next step when a save failed. Evaluators and
+sample grids are plug-ins (`par_jax.training.evaluators`).
 """
 
 from __future__ import annotations
@@ -248,47 +250,6 @@ class MetricsLog:
             self.window_start, self.window_steps = time.perf_counter(), 0
 
 
-# ----- sample grids -----
-
-class SampleGrids:
-    """Every `every` steps: sample one image per class (the first classes), decode with the run's tokenizer, write a
-    PNG under WORKDIR/samples and to TensorBoard. Needs par_jax.sampling and config.data.tokenizer."""
-
-    def __init__(self, config, workdir, writer):
-        self.every = int(config.train.sample_every_steps)
-        self.config, self.workdir, self.writer = config, workdir, writer
-        self._tokenizer = None
-        if self.every and not config.data.get("tokenizer"):
-            logging.warning("train.sample_every_steps=%d but config.data.tokenizer is empty: no sample grids (codes "
-                            "cannot be turned into images without the tokenizer).", self.every)
-            self.every = 0
-        if self.every and jax.process_count() > 1:
-            logging.warning("sample grids during training use one process's devices; switched off for this "
-                            "%d-process run (sample from its checkpoints with --job=sample).", jax.process_count())
-            self.every = 0
-
-    def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
-
-    def __call__(self, model: ParTransformer, step: int) -> None:
-        from par_jax import sampling, tokenizer  # noqa: PLC0415 (only runs that draw samples need them)
-        from par_jax.utils import images  # noqa: PLC0415
-        if self._tokenizer is None:
-            self._tokenizer = tokenizer.load(self.config.data.tokenizer)
-        cfg = model.config
-        devices = jax.local_device_count()  # the sampler splits its batch over the local devices
-        num = -(-int(self.config.train.sample_num_images) // devices) * devices
-        labels = np.arange(num, dtype=np.int32) % cfg.num_classes
-        settings = sampling.SampleSettings.from_config(self.config.sample)
-        key = jax.random.fold_in(jax.random.key(self.config.sample.seed), step)
-        tokens = sampling.sample(model, labels, key, settings)
-        pixels = np.asarray(sampling.tokens_to_images(tokens, self._tokenizer, cfg.grid_shape))
-        grid = images.make_grid(pixels, rows=max(1, int(math.sqrt(num))))
-        if jax.process_index() == 0:
-            images.save_png(str(self.workdir / "samples" / f"step_{step:08d}.png"), grid)
-        self.writer.write_images(step, {"samples": grid[None]})
-
-
 # ----- the loop -----
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -321,7 +282,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _loop(config, run: loop.Run, trainer: Trainer, data_iter, evaluators, total_steps: int) -> dict:
     tc, model_cfg = config.train, trainer.model_cfg
-    samples = SampleGrids(config, run.workdir, run.writer)
     # No context mesh: every array carries its sharding, and samplers/evaluators set up their own devices.
     start, state = run.resume(trainer.abstract_state, data_iter, model_cfg, model_ckpt.RUNTIME_FIELDS)
     if state is None:
@@ -351,13 +311,11 @@ def _loop(config, run: loop.Run, trainer: Trainer, data_iter, evaluators, total_
             # The metrics include the norms of the parameters just computed: the state saved is the state checked.
             run.save(step, state, data_iter, model_cfg, health=metrics, force=last or preempted,
                      hint=NONFINITE_HINT)
-        if samples.due(step) or evaluators.due(step, last):
+        due = evaluators.due(step, last)
+        if due:  # plug-ins from config.evals, and the sample grids of train.sample_every_steps
             with run.progress.timed("eval"):
-                model = trainer.model(state)
-                if samples.due(step):
-                    samples(model, step)
-                results = evaluators.run(evaluators.due(step, last), model, config, step=step,
-                                         workdir=run.workdir)
+                results = evaluators.run(due, trainer.model(state), config, step=step, workdir=run.workdir,
+                                         writer=run.writer)
                 if results:
                     run.writer.write_scalars(step, results)
         if preempted:
