@@ -3,7 +3,7 @@ r"""The `sample` job: a trained decoder (and tokenizer) in, a PNG grid and an `.
     python -m par_jax.main --config=configs/par.py:size=XL,n=4 --workdir=WORKDIR --job=sample \
         --config.sample.num_images=64 --config.sample.guidance=1.5
 
-Reads `config.sample` (see configs/common.py). The checkpoint is `config.sample.checkpoint` or the workdir itself (its
+Reads `config.sample` (see configs/par.py). The checkpoint is `config.sample.checkpoint` or the workdir itself (its
 latest training step, EMA parameters when saved); its model must match `config.model` (a different grid, n or size
 is an error that lists the differences). Writes WORKDIR/samples/<name>/ (local or gs://):
     settings.json  what the samples were drawn with (checkpoint, model, sampling settings, labels, batch size)
