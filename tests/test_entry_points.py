@@ -104,3 +104,15 @@ def test_grain_workers_need_absl_flags_parsed_by_the_caller(tmp_path):
                             timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "refused: config.data.worker_count > 0 starts grain worker processes" in result.stdout
+
+
+def test_every_job_names_a_module_function_that_exists():
+    """Jobs are imported only when run; a renamed module must not leave a job pointing nowhere."""
+    import importlib.util
+
+    from par_jax import main
+    for name, target in main.JOBS.items():
+        module, fn = target.split(":")
+        spec = importlib.util.find_spec(module)
+        assert spec is not None, f"job {name}: no module {module}"
+        assert f"def {fn}(" in pathlib.Path(spec.origin).read_text(), f"job {name}: {module} has no {fn}()"
