@@ -6,6 +6,7 @@ checkpoint every 10):
   path and the cause, exit status non-zero, no traceback;
 - a damaged newest checkpoint is moved aside (not deleted) with a warning naming it, and the rerun resumes from the
   step before it and finishes, ending bit-identical to the undamaged run;
+- the temporary folder of a save cut off by SIGKILL is removed by the next run;
 - a second run on a workdir in use refuses at once, naming the first run's host and pid, and changes nothing.
 
 The processes share a persistent compilation cache (the train step compiles once for the module). The full disk is a
@@ -169,6 +170,19 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes_before_it(
     assert _steps(workdir) == [10, 20, 30]
     for want, got in zip(_params(finished_run / "checkpoints" / str(NUM_STEPS)), _params(newest), strict=True):
         np.testing.assert_array_equal(want, got)
+
+
+def test_orphaned_temporary_folder_of_a_killed_save_is_removed(tmp_path, cache_dir, finished_run):
+    """A SIGKILL during a save (say a preemption save at step 25) leaves `25.orbax-checkpoint-tmp`; the next run on
+    the workdir removes it and keeps every finished step."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    orphan = workdir / "checkpoints" / "25.orbax-checkpoint-tmp"
+    shutil.copytree(workdir / "checkpoints" / "20", orphan)
+    proc = _run(_cmd(workdir), cache_dir)  # nothing left to train: the run only opens its checkpoints
+    assert proc.returncode == 0, _tail(proc.stderr)
+    assert not orphan.exists(), sorted(os.listdir(workdir / "checkpoints"))
+    assert _steps(workdir) == [10, 20, 30]
 
 
 # ----- two runs on one workdir -----
