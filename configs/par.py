@@ -144,8 +144,8 @@ def get_config(arg: str = ""):
     ))
 
     # --- evaluation (PAR_SPEC section 11; par_jax.evaluation, docs/evaluation.md). The evaluate job runs this
-    # protocol; during training, config.evals.<name> = dict(every_steps=N, fn="par_jax.evaluation.evaluators:evaluate",
-    # num_samples=1000, ...) runs it on fewer samples (its other keys override fields here). ---
+    # protocol; during training, config.evals.eval = dict(every_steps=N, num_samples=1000, ...) runs it on fewer
+    # samples (its other keys override fields here; par_jax.evaluation.plugin). ---
     config.eval = ml_collections.ConfigDict(dict(
         name="",                  # results go to WORKDIR/eval/<name> (default: step<S>_<feature_network>_<N>)
         checkpoint="",            # workdir or checkpoint dir; empty = config.sample.checkpoint, else WORKDIR

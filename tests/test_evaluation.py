@@ -1,6 +1,7 @@
 """Evaluation: metrics against closed forms, the ADM file layout, the release's resize, the FID Inception network's
 structure and weight loader, the Fashion-MNIST classifier, and the evaluate job end to end on tiny models."""
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -393,15 +394,15 @@ def test_classifier_save_load_round_trip_and_feature_network(small_classifier, f
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_labels_uniform_and_balanced():
-    from par_jax.evaluation import evaluators
-    uniform = evaluators.make_labels(1000, 10, "uniform", seed=1)
+    from par_jax.evaluation import generate
+    uniform = generate.make_labels(1000, 10, "uniform", seed=1)
     assert uniform.min() >= 0 and uniform.max() <= 9 and len(np.unique(uniform)) == 10
-    np.testing.assert_array_equal(uniform, evaluators.make_labels(1000, 10, "uniform", seed=1))
-    balanced = evaluators.make_labels(1003, 10, "balanced", seed=1)
+    np.testing.assert_array_equal(uniform, generate.make_labels(1000, 10, "uniform", seed=1))
+    balanced = generate.make_labels(1003, 10, "balanced", seed=1)
     counts = np.bincount(balanced, minlength=10)
     assert counts.max() - counts.min() == 1 and counts.sum() == 1003
     with pytest.raises(ValueError, match="unknown label mode"):
-        evaluators.make_labels(10, 10, "sorted")
+        generate.make_labels(10, 10, "sorted")
 
 
 def _eval_config(**overrides):
@@ -411,26 +412,47 @@ def _eval_config(**overrides):
     return config
 
 
-def test_metric_names_are_checked():
-    from par_jax.evaluation import evaluators
+def test_settings_are_read_once_and_checked():
+    from par_jax.evaluation.settings import EvalSettings
     with pytest.raises(ValueError, match="unknown or no metrics \\['fdi'\\]"):
-        evaluators.metric_names(_eval_config(metrics="fid,fdi").eval)
-    assert evaluators.metric_names(_eval_config(metrics=" fid, is ").eval) == ["fid", "is"]
+        EvalSettings.from_config(_eval_config(metrics="fid,fdi"))
+    config = _eval_config(metrics=" fid, is ", reference="fashion_mnist")
+    config.data.update(views="pad", image_size=32, tokenizer="/tok")
+    s = EvalSettings.from_config(config, num_samples=100)
+    assert s.metrics == ("fid", "is") and s.num_samples == 100 and s.reference == "fashion_mnist"
+    assert (s.reference_views, s.reference_image_size, s.tokenizer) == ("pad", 32, "/tok")
+    assert s.batch_size == config.eval.batch_size and s.feature_network == "fmnist_classifier"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.num_samples = 5
+    config.sample.tokenizer = "/other"  # the sampling tokenizer wins over the codes' one
+    assert EvalSettings.from_config(config).tokenizer == "/other"
+    with pytest.raises(ValueError, match="unknown evaluation settings \\['every_step'\\]"):
+        EvalSettings.from_config(config, every_step=5)
+    with pytest.raises(ValueError, match="unknown label mode"):
+        EvalSettings.from_config(config, labels="sorted")
+    with pytest.raises(ValueError, match="reference_stats"):
+        EvalSettings.from_config(config, reference_stats="cached")
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        EvalSettings.from_config(config, num_samples=0)
 
 
-def test_validate_catches_missing_inputs_before_training(tmp_path):
-    from par_jax.evaluation import evaluators
+def test_the_plugin_checks_its_inputs_before_training(tmp_path):
+    from par_jax.evaluation import plugin
     config = _eval_config(reference="fashion_mnist")
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        evaluators.validate(config)
+        plugin.GenerationMetrics(config)
     config.data.tokenizer = str(tmp_path)
-    evaluators.validate(config)
+    made = plugin.GenerationMetrics(config, num_samples=16)
+    assert made.settings.num_samples == 16 and made.network is None  # nothing heavy is built before the first call
     with pytest.raises(FileNotFoundError, match="inception_weights=''"):
-        evaluators.validate(config, feature_network="inception")
+        plugin.GenerationMetrics(config, feature_network="inception")
     with pytest.raises(FileNotFoundError, match="reference batch"):
-        evaluators.validate(config, reference=str(tmp_path / "ref.npz"))
+        plugin.GenerationMetrics(config, reference=str(tmp_path / "ref.npz"))
     with pytest.raises(ValueError, match="unknown evaluation settings"):
-        evaluators.validate(config, every_step=5)
+        plugin.GenerationMetrics(config, every_step=5)
+    config.data.tokenizer = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="tokenizer .*missing"):
+        plugin.GenerationMetrics(config)
 
 
 def test_evaluate_job_scores_an_existing_npz(tmp_path, small_classifier, fmnist_test_split):
@@ -460,7 +482,7 @@ def test_evaluate_job_samples_a_checkpoint_end_to_end(tmp_path, small_classifier
     """Tiny decoder + tiny tokenizer: sample, decode, resize, write the ADM file, score, record, and the same metrics
     through the training-loop plug-in."""
     from par_jax import tokenizer as tokenizer_lib
-    from par_jax.evaluation import evaluators, job
+    from par_jax.evaluation import generate, job, plugin
     from par_jax.model import ParTransformer, model_config
     from par_jax.tokenizer import train as tokenizer_train
     from par_jax.model import checkpoint
@@ -483,7 +505,7 @@ def test_evaluate_job_samples_a_checkpoint_end_to_end(tmp_path, small_classifier
     out = tmp_path / "work" / "eval" / "tiny"
     with np.load(out / "samples.npz") as f:
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (20, 40, 40, 3)  # 32 px decoded, resized
-        np.testing.assert_array_equal(f["arr_1"], evaluators.make_labels(20, 10, "uniform", 0))
+        np.testing.assert_array_equal(f["arr_1"], generate.make_labels(20, 10, "uniform", 0))
     m = record["metrics"]
     assert set(m) == {"fid", "inception_score", "inception_score_std", "precision", "recall", "class_consistency"}
     assert all(np.isfinite(v) for v in m.values()) and m["fid"] > 0
@@ -497,11 +519,12 @@ def test_evaluate_job_samples_a_checkpoint_end_to_end(tmp_path, small_classifier
     assert (out / "samples_grid.png").exists()
 
     # The training-loop plug-in: same protocol on fewer samples, settings overridden per entry.
-    plugin = evaluators.evaluate(model, config, step=7, workdir=str(tmp_path / "work"), num_samples=16,
-                                 metrics="is,class_consistency")
-    assert set(plugin) == {"inception_score", "inception_score_std", "class_consistency"}
-    with pytest.raises(ValueError, match="unknown evaluation settings \\['num_sample'\\]"):
-        evaluators.evaluate(model, config, step=7, workdir=str(tmp_path), num_sample=16)
+    evaluate = plugin.GenerationMetrics(config, num_samples=16, metrics="is,class_consistency")
+    first = evaluate(model, config, step=7, workdir=str(tmp_path / "work"))
+    assert set(first) == {"inception_score", "inception_score_std", "class_consistency"}
+    network = evaluate.network
+    assert evaluate(model, config, step=8, workdir=str(tmp_path / "work")) == first  # same seed, same samples
+    assert evaluate.network is network  # built once, reused
 
 
 _SHARDED = r"""
@@ -510,7 +533,7 @@ sys.path.insert(0, sys.argv[1])
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from par_jax import sampling, tokenizer as tokenizer_lib
-from par_jax.evaluation import classifier, evaluators, features
+from par_jax.evaluation import classifier, features, generate
 from par_jax.model import ParTransformer, model_config
 assert jax.device_count() == 8
 net = classifier.Classifier(rngs=nnx.Rngs(0))
@@ -524,9 +547,9 @@ vq = tokenizer_lib.VQModel(tokenizer_lib.vq_config("fmnist", base_channels=8, z_
                                                    num_groups=4, num_res_blocks=1, attn_levels=()), rngs=nnx.Rngs(0))
 model = ParTransformer(model_config("tiny", vocab_size=64, num_classes=10, grid_shape=(8, 8), n=4, dtype="float32"),
                        rngs=nnx.Rngs(1))
-labels = evaluators.make_labels(12, 10, "uniform", 0)
+labels = generate.make_labels(12, 10, "uniform", 0)
 settings = sampling.SampleSettings(guidance=1.5)
-run = lambda: list(evaluators.generate(model, vq, labels, settings, seed=0, batch_size=8, resolution=24))
+run = lambda: list(generate.generate(model, vq, labels, settings, key=jax.random.key(0), batch_size=8, resolution=24))
 first, second = run(), run()
 print(json.dumps({
     "batch": batch, "pool_err": float(np.abs(out["pool"] - np.asarray(want["pool"])).max()),
@@ -550,5 +573,5 @@ def test_features_and_sampling_sharded_over_eight_devices():
     assert out["batch"] == 16
     assert out["pool_err"] < 1e-4 and out["logits_err"] < 1e-4
     assert out["shapes"] == [[8, 24, 24, 3], [4, 24, 24, 3]]  # 12 samples in batches of 8, the last one cut
-    from par_jax.evaluation import evaluators
-    assert out["labels"] == evaluators.make_labels(12, 10, "uniform", 0).tolist() and out["repeatable"]
+    from par_jax.evaluation import generate
+    assert out["labels"] == generate.make_labels(12, 10, "uniform", 0).tolist() and out["repeatable"]

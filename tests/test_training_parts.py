@@ -154,37 +154,71 @@ def test_peak_flops_table_and_override():
     assert flops.table_peak_flops(FakeDevice(), "float32") is None
 
 
-def _check_positive(config, *, scale=1.0):
-    if scale <= 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-
-
 def _scaled_seed(model, config, *, step, workdir, scale=1.0):
     return {"value": scale * config.seed}
 
 
-_scaled_seed.validate = _check_positive
+class _Counter:
+    """A class plug-in: built (and checked) once before training, then called at each evaluation step."""
+    built = 0
+
+    def __init__(self, config, *, scale=1.0):
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        type(self).built += 1
+        self.scale, self.calls = scale, 0
+
+    def __call__(self, model, config, *, step, workdir, writer=None):
+        self.calls += 1
+        if writer is not None:
+            writer.append(step)
+        return {"calls": self.calls * self.scale}
 
 
 def test_evaluators_resolve_validate_and_run():
     config = par.get_config("runlocal")
-    evaluators.REGISTRY["test_seed"] = f"{__name__}:_scaled_seed"
+    evaluators.REGISTRY["test_counter"] = f"{__name__}:_Counter"
     try:
-        config.evals = {"test_seed": {"every_steps": 10, "scale": 3.0},
+        config.evals = {"test_counter": {"every_steps": 10, "scale": 3.0},
                         "explicit": {"fn": f"{__name__}:_scaled_seed", "every_steps": 0}}
+        _Counter.built = 0
         evals = evaluators.Evaluators(config)
-        assert [e[0] for e in evals.due(20, last=False)] == ["test_seed"]
-        assert sorted(e[0] for e in evals.due(7, last=True)) == ["explicit", "test_seed"]
-        assert evals.run(evals.due(7, last=True), None, config, step=7, workdir="") == {
-            "eval/test_seed/value": 3.0 * config.seed, "eval/explicit/value": 1.0 * config.seed}
-        config.evals = {"test_seed": {"every_steps": 10, "scale": -1.0}}
-        with pytest.raises(ValueError, match="scale must be positive"):  # validated before training starts
+        assert _Counter.built == 1  # built before the first step
+        assert [e[0] for e in evals.due(20, last=False)] == ["test_counter"]
+        assert sorted(e[0] for e in evals.due(7, last=True)) == ["explicit", "test_counter"]
+        written = []
+        assert evals.run(evals.due(7, last=True), None, config, step=7, workdir="", writer=written) == {
+            "eval/test_counter/calls": 3.0, "eval/explicit/value": 1.0 * config.seed}
+        assert evals.run(evals.due(20, last=False), None, config, step=20, workdir="") == {
+            "eval/test_counter/calls": 6.0}  # the same object: its state carries over
+        assert written == [7] and _Counter.built == 1  # the writer reaches plug-ins that take one
+        config.evals = {"test_counter": {"every_steps": 10, "scale": -1.0}}
+        with pytest.raises(ValueError, match="scale must be positive"):  # checked before training starts
             evaluators.Evaluators(config)
     finally:
-        del evaluators.REGISTRY["test_seed"]
+        del evaluators.REGISTRY["test_counter"]
     config.evals = {"fid": {"every_steps": 10}}
     with pytest.raises(ValueError, match="no evaluator named 'fid'"):
         evaluators.Evaluators(config)
     config.evals = {"x": {"fn": "par_jax.nothing:run"}}
     with pytest.raises(ValueError, match="cannot load evaluator 'par_jax.nothing:run'"):
         evaluators.Evaluators(config)
+
+
+def test_the_registry_names_the_evaluation_and_sample_grid_plugins(tmp_path):
+    import importlib
+    for name in ("eval", "samples"):
+        module, _, attr = evaluators.REGISTRY[name].partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+    # train.sample_every_steps > 0 is the `samples` entry (unless config.evals has one); its PNG needs a tokenizer.
+    config = par.get_config("runlocal")
+    config.train.sample_every_steps = 50
+    config.data.tokenizer = str(tmp_path / "missing_tokenizer")
+    assert evaluators.entries_of(config) == {"samples": {"every_steps": 50}}
+    with pytest.raises(FileNotFoundError, match="missing_tokenizer"):
+        evaluators.Evaluators(config)
+    config.evals = {"samples": {"every_steps": 7, "num_images": 4}}
+    assert evaluators.entries_of(config) == {"samples": {"every_steps": 7, "num_images": 4}}
+    config.train.sample_every_steps = 0
+    config.evals = {}
+    assert evaluators.entries_of(config) == {}

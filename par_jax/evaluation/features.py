@@ -22,6 +22,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from par_jax.core import paths
 from par_jax.evaluation import metrics
 
 NETWORKS = ("inception", "fmnist_classifier")
@@ -134,13 +135,23 @@ def classifier_network(directory: str, *, batch_size: int = 256) -> FeatureNetwo
         info={"checkpoint": str(directory), "test_accuracy": metadata.get("test_accuracy")})
 
 
-def build(eval_config) -> FeatureNetwork:
-    """The feature network named by `config.eval.feature_network`."""
-    name = eval_config.feature_network
+def check(settings) -> None:
+    """Cheap checks that the feature network named by the settings can be built (its weight file exists)."""
+    if settings.feature_network not in NETWORKS:
+        raise ValueError(f"unknown feature network {settings.feature_network!r}; choose one of {NETWORKS}.")
+    if settings.feature_network == "inception" and not (settings.inception_weights and
+                                                        paths.exists(settings.inception_weights)):
+        raise FileNotFoundError(f"config.eval.inception_weights={settings.inception_weights!r} does not exist; the "
+                                f"inception feature network needs the FID weight file.")
+
+
+def build(settings) -> FeatureNetwork:
+    """The feature network named by `settings.feature_network` (an `EvalSettings`)."""
+    name = settings.feature_network
     if name == "inception":
-        return inception_network(eval_config.inception_weights, batch_size=eval_config.feature_batch_size)
+        return inception_network(settings.inception_weights, batch_size=settings.feature_batch_size)
     if name == "fmnist_classifier":
-        return classifier_network(eval_config.classifier, batch_size=eval_config.feature_batch_size)
+        return classifier_network(settings.classifier, batch_size=settings.feature_batch_size)
     raise ValueError(f"unknown feature network {name!r}; choose one of {NETWORKS}.")
 
 

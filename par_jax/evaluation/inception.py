@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from par_jax.core import paths
+
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
 POOL_DIM = 2048
@@ -287,12 +289,12 @@ def _torch_shape(shape) -> tuple[int, ...]:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """A flat {key: array} from a PyTorch `.pth`, a `.npz` or a `.safetensors` file with the PyTorch keys."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(
             f"Inception weights not found at {path!r}. Download {WEIGHTS_URL} on a machine with internet access "
             f"and pass its path (--config.eval.inception_weights=...).")
     if path.endswith(".npz"):
-        with np.load(path) as f:
+        with paths.open_file(path, "rb") as raw, np.load(raw) as f:
             return {k: f[k] for k in f.files}
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file  # noqa: PLC0415

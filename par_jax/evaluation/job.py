@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import subprocess
 from typing import Any
@@ -24,10 +23,11 @@ import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers
-from etils import epath
 
-from par_jax.core import checkpoint
-from par_jax.evaluation import evaluators, features as features_lib, npz
+from par_jax.core import checkpoint, paths
+from par_jax.evaluation import features as features_lib
+from par_jax.evaluation import generate, metrics, npz, reference
+from par_jax.evaluation.settings import EvalSettings
 from par_jax.utils import images as image_utils
 
 RESULTS_FILE = "results.json"
@@ -79,49 +79,51 @@ class _Grid:
 
 def run(config, workdir: str) -> dict[str, Any]:
     """Run the evaluation protocol of `config.eval`; returns the results record (also written as results.json)."""
-    ec = config.eval
-    names = evaluators.metric_names(ec)
+    s = EvalSettings.from_config(config)  # bad settings fail here, before anything is loaded
+    names = s.metrics
     is_main = jax.process_index() == 0
+    workdir = paths.as_path(workdir)
 
     # 1. Everything that can be missing, then the feature network and reference set, before any sampling.
-    if ec.samples:
-        if not os.path.exists(ec.samples):
-            raise FileNotFoundError(f"config.eval.samples={ec.samples!r} does not exist.")
+    if s.samples:
+        if not paths.exists(s.samples):
+            raise FileNotFoundError(f"config.eval.samples={s.samples!r} does not exist.")
     else:
         step_dir, step, item = checkpoint.resolve(
-            ec.checkpoint or config.sample.checkpoint or workdir,
+            s.checkpoint or config.sample.checkpoint or workdir,
             what="checkpoint to evaluate (set --config.eval.checkpoint to a training workdir or a params-only "
                  "checkpoint, or --config.eval.samples to a .npz)")
-        tokenizer_path = evaluators.tokenizer_path(config)
-        if not epath.Path(tokenizer_path).exists():
+        tokenizer_path = s.require_tokenizer()
+        if not paths.exists(tokenizer_path):
             raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist.")
-    network = features_lib.build(ec)
-    evaluators.check_network(names, network)
-    reference, reference_record = evaluators.reference_features(ec, config.data, network)
-    logging.info("reference: %s, %d images, FID statistics %s", reference_record["reference"], reference.count,
-                 reference_record["reference_stats"])
+    features_lib.check(s)
+    network = features_lib.build(s)
+    metrics.check_network(names, network)
+    reference_feats, reference_record = reference.features(s, network)
+    logging.info("reference: %s, %d images, FID statistics %s", reference_record["reference"],
+                 reference_feats.count, reference_record["reference_stats"])
 
     # 2. Samples: from a file, or drawn from the checkpoint.
     collector = features_lib.FeatureCollector(network)
-    grid = _Grid(int(ec.grid_images))
+    grid = _Grid(s.grid_images)
     settings: dict[str, Any] = {}
-    if ec.samples:
-        shape, _ = npz.read_header(ec.samples)
+    if s.samples:
+        shape, _ = npz.read_header(s.samples)
         labels = None
-        with np.load(ec.samples) as f:
+        with paths.open_file(s.samples, "rb") as raw, np.load(raw) as f:
             if "arr_1" in f.files:
                 labels = f["arr_1"]
         if "class_consistency" in names and labels is None:
-            raise ValueError(f"{ec.samples} has no arr_1 labels, which class_consistency needs.")
-        step, out_name = -1, ec.name or f"file_{network.name}_{shape[0]}"
+            raise ValueError(f"{s.samples} has no arr_1 labels, which class_consistency needs.")
+        step, out_name = -1, s.name or f"file_{network.name}_{shape[0]}"
         start = 0
-        for images in npz.iter_batches(ec.samples, network.batch_size):
+        for images in npz.iter_batches(s.samples, network.batch_size):
             collector.add(images, None if labels is None else labels[start:start + len(images)])
             grid.add(images)
             start += len(images)
-        settings.update(samples_file=os.path.abspath(ec.samples), num_samples=int(shape[0]),
+        settings.update(samples_file=str(paths.as_path(s.samples)), num_samples=int(shape[0]),
                         resolution=f"{shape[1]}x{shape[2]} (as in the file)")
-        out_dir = epath.Path(workdir) / "eval" / out_name
+        out_dir = workdir / "eval" / out_name
     else:
         from par_jax import sampling, tokenizer as tokenizer_lib  # noqa: PLC0415
         from par_jax.model import checkpoint as model_ckpt  # noqa: PLC0415
@@ -129,19 +131,20 @@ def run(config, workdir: str) -> dict[str, Any]:
         model = model_ckpt.load_params(step_dir, item=item)
         tokenizer = tokenizer_lib.load(tokenizer_path)
         sample_settings = sampling.SampleSettings.from_config(config.sample)
-        labels = evaluators.make_labels(int(ec.num_samples), model.config.num_classes, ec.labels, int(ec.seed))
-        out_dir = epath.Path(workdir) / "eval" / (ec.name or f"step{step}_{network.name}_{len(labels)}")
+        labels = generate.make_labels(s.num_samples, model.config.num_classes, s.labels, s.seed)
+        out_dir = workdir / "eval" / (s.name or f"step{step}_{network.name}_{len(labels)}")
         if is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        height, width = (int(ec.resolution),) * 2 if ec.resolution else \
+            paths.check_writable(out_dir, "evaluation output folder")
+        height, width = (s.resolution,) * 2 if s.resolution else \
             tuple(g * tokenizer.config.downsample for g in model.config.grid_shape)
-        writer = (npz.NpzWriter(str(out_dir / SAMPLES_FILE), len(labels), (height, width, 3))
-                  if ec.save_npz and is_main else None)
+        writer = (npz.NpzWriter(out_dir / SAMPLES_FILE, len(labels), (height, width, 3))
+                  if s.save_npz and is_main else None)
         try:
-            for images, part in evaluators.generate(model, tokenizer, labels, sample_settings, seed=int(ec.seed),
-                                                    batch_size=int(ec.batch_size), resolution=int(ec.resolution)):
+            for images, part in generate.generate(model, tokenizer, labels, sample_settings,
+                                                  key=jax.random.key(s.seed), batch_size=s.batch_size,
+                                                  resolution=s.resolution):
                 collector.add(images, part, local=True)
-                if ec.save_npz or not grid.full:  # the same decision on every process (gathers are collective)
+                if s.save_npz or not grid.full:  # the same decision on every process (gathers are collective)
                     images, part = features_lib.gather(images), features_lib.gather(part)
                     if writer is not None:
                         writer.write(images, part)
@@ -155,23 +158,21 @@ def run(config, workdir: str) -> dict[str, Any]:
             "tokenizer": tokenizer_path, "tokenizer_config": _plain(dataclasses.asdict(tokenizer.config)),
             "sampling": _plain(dataclasses.asdict(sample_settings)),
             "n": model.config.n, "order": model.config.order_kind, "num_steps": model.config.layout.num_steps,
-            "num_samples": len(labels), "batch_size": int(ec.batch_size), "seed": int(ec.seed),
-            "labels": ec.labels, "samples_file": str(out_dir / SAMPLES_FILE) if ec.save_npz else "",
-            "resolution": int(ec.resolution) or f"{height}x{width} (decoded size)",
-            "resize": ("PyTorch bicubic (a=-0.75, align_corners=False, no antialias)" if ec.resolution else "none")
+            "num_samples": len(labels), "batch_size": s.batch_size, "seed": s.seed,
+            "labels": s.labels, "samples_file": str(out_dir / SAMPLES_FILE) if s.save_npz else "",
+            "resolution": s.resolution or f"{height}x{width} (decoded size)",
+            "resize": ("PyTorch bicubic (a=-0.75, align_corners=False, no antialias)" if s.resolution else "none")
                       + "; uint8 = clamp(127.5 x + 128, 0, 255) truncated",
         })
-    out_dir = epath.Path(out_dir)
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(out_dir)
 
     # 3. Metrics, writers, record.
-    samples = collector.result()
-    results = evaluators.compute_metrics(names, samples, reference, network, ec)
+    results = metrics.compute(names, collector.result(), reference_feats, network, s)
     settings.update({
         **reference_record,
         "feature_network": network.name, "feature_network_info": _plain(network.info),
-        "metrics": names, "pr_k": int(ec.pr_k), "is_split_size": int(ec.is_split_size),
+        "metrics": list(names), "pr_k": s.pr_k, "is_split_size": s.is_split_size,
         "backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count(),
         "par_jax_commit": _git_commit(), "jax": jax.__version__,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -194,7 +195,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     writer.close()
     if is_main:
         if picture is not None:
-            image_utils.save_png(str(out_dir / GRID_FILE), picture)
-        (out_dir / RESULTS_FILE).write_text(json.dumps(_plain(record), indent=1))
+            image_utils.save_png(out_dir / GRID_FILE, picture)
+        paths.write_json(out_dir / RESULTS_FILE, _plain(record))
         logging.info("results in %s", out_dir / RESULTS_FILE)
     return record

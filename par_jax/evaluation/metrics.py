@@ -240,3 +240,63 @@ def class_consistency(logits, labels) -> float:
     if labels.shape != (len(logits),):
         raise ValueError(f"labels must be ({len(logits)},) to match the logits; got shape {labels.shape}.")
     return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registry: metric name (config.eval.metrics) -> fn(samples, reference, network, settings) -> {key: value}
+# ----------------------------------------------------------------------------------------------------------------
+# `samples` and `reference` are `features.Features`, `network` the `features.FeatureNetwork`, `settings` the
+# `settings.EvalSettings`.
+
+def _fid(samples, reference, network, settings) -> dict[str, float]:
+    kw = {"min_samples": settings.min_samples}
+    return {"fid": frechet_distance(samples.stats("pool", **kw), reference.stats("pool", **kw))}
+
+
+def _sfid(samples, reference, network, settings) -> dict[str, float]:
+    kw = {"min_samples": settings.min_samples}
+    return {"sfid": frechet_distance(samples.stats("spatial", **kw), reference.stats("spatial", **kw))}
+
+
+def _inception_score(samples, reference, network, settings) -> dict[str, float]:
+    mean, std = inception_score(samples.logits, split_size=settings.is_split_size)
+    return {"inception_score": mean, "inception_score_std": std}
+
+
+def _precision_recall(samples, reference, network, settings) -> dict[str, float]:
+    precision, recall = precision_recall(reference.pool, samples.pool, k=settings.pr_k)
+    return {"precision": precision, "recall": recall}
+
+
+def _class_consistency(samples, reference, network, settings) -> dict[str, float]:
+    if samples.labels is None:
+        raise ValueError("class_consistency needs the labels the samples were generated for.")
+    return {"class_consistency": class_consistency(samples.logits, samples.labels)}
+
+
+METRICS = {
+    "fid": _fid,                              # Frechet distance of pool features (FID with Inception)
+    "sfid": _sfid,                            # Frechet distance of Inception's spatial features (ADM's sFID)
+    "is": _inception_score,                   # Inception Score (mean and std over splits of is_split_size)
+    "precision_recall": _precision_recall,    # k-NN manifold precision and recall (k = pr_k, 3 as in ADM)
+    "class_consistency": _class_consistency,  # the network's classifier on samples against their requested labels
+}
+
+
+def check_network(names, network) -> None:
+    """Fail before any sampling when a requested metric cannot be computed with this feature network."""
+    if "sfid" in names and not network.has_spatial:
+        raise ValueError(f"sfid needs spatial features, which the {network.name} network lacks; drop 'sfid' from "
+                         f"config.eval.metrics.")
+    if "class_consistency" in names and network.label_space is None:
+        raise ValueError(f"class_consistency needs a classifier of the generator's classes; {network.name} is not "
+                         f"(use feature_network=fmnist_classifier for Fashion-MNIST).")
+
+
+def compute(names, samples, reference, network, settings) -> dict[str, float]:
+    """{key: value} of every metric in `names` (keys as the metric functions name them)."""
+    check_network(names, network)
+    out: dict[str, float] = {}
+    for name in names:
+        out.update(METRICS[name](samples, reference, network, settings))
+    return out

@@ -3,7 +3,7 @@
 The ADM evaluator (and guided-diffusion's sampler that writes these files) reads `arr_0` as NHWC uint8 images;
 class-conditional samples carry their labels in `arr_1`. 50,000 images at 256 px are 9.8 GB, so the writer appends
 batches straight into the zip member (uncompressed, zip64) instead of building the array in memory, and the reader
-yields batches the same way. Reference batches may also hold FID statistics (`mu`, `sigma`, `mu_s`, `sigma_s`).
+yields batches the same way. Files are opened through `par_jax.core.paths` (local or `gs://`). Reference batches may also hold FID statistics (`mu`, `sigma`, `mu_s`, `sigma_s`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import zipfile
 from typing import Iterator
 
 import numpy as np
+
+from par_jax.core import paths
 
 
 class NpzWriter:
@@ -28,7 +30,8 @@ class NpzWriter:
         self.with_labels = with_labels
         self.written = 0
         self._labels = np.zeros((self.num_images,), np.int64)
-        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._file = paths.open_file(path, "wb")
+        self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
         self._member = self._zip.open("arr_0.npy", "w", force_zip64=True)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                   "shape": (self.num_images, *self.image_shape)}
@@ -57,6 +60,7 @@ class NpzWriter:
             with self._zip.open("arr_1.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, self._labels)
         self._zip.close()
+        self._file.close()
         self._zip = None
         if not complete:
             raise ValueError(f"{self.path} is incomplete: {self.written} of {self.num_images} images were written.")
@@ -69,19 +73,20 @@ class NpzWriter:
             self.close()
         elif self._zip is not None:  # keep the original error; the partial file is not a valid sample file
             self._zip.close()
+            self._file.close()
             self._zip = None
 
 
 def read_header(path: str, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of one array in an .npz without reading its data."""
-    with zipfile.ZipFile(path) as z, z.open(_member_name(z, path, key)) as f:
+    with paths.open_file(path, "rb") as raw, zipfile.ZipFile(raw) as z, z.open(_member_name(z, path, key)) as f:
         shape, _, dtype = _read_npy_header(f)
     return shape, dtype
 
 
 def iter_batches(path: str, batch_size: int, key: str = "arr_0", limit: int | None = None) -> Iterator[np.ndarray]:
     """Consecutive batches of the leading axis of `key` in an .npz, read from the zip member without loading it all."""
-    with zipfile.ZipFile(path) as z, z.open(_member_name(z, path, key)) as f:
+    with paths.open_file(path, "rb") as raw, zipfile.ZipFile(raw) as z, z.open(_member_name(z, path, key)) as f:
         shape, fortran, dtype = _read_npy_header(f)
         if fortran or dtype.hasobject:
             raise ValueError(f"{path}:{key} is not a C-ordered numeric array; rewrite it with np.savez.")

@@ -9,9 +9,6 @@ pixel units, codebook usage, dead codes, perplexity) and reconstructions.png (or
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 from absl import logging
 from flax import nnx
@@ -19,6 +16,7 @@ from flax import nnx
 from par_jax import tokenizer as tokenizer_lib
 from par_jax.tokenizer import train
 from par_jax.core import mesh as mesh_lib
+from par_jax.core import paths
 from par_jax.core import sharding as sharding_lib
 from par_jax.utils import images as images_lib
 
@@ -26,7 +24,7 @@ OUT_DIR = "eval_tokenizer"
 
 
 def run(config, workdir: str) -> dict[str, float]:
-    workdir = os.path.abspath(workdir) if "://" not in os.fspath(workdir) else os.fspath(workdir)
+    workdir = paths.as_path(workdir)
     path = config.eval.get("tokenizer", "") or workdir
     model = tokenizer_lib.load(path)
     mesh = mesh_lib.create_mesh(dict(config.mesh))
@@ -37,10 +35,8 @@ def run(config, workdir: str) -> dict[str, float]:
     metrics = {"tokenizer": str(path), "split": f"{config.data.image_source}/{config.data.eval_split}",
                "crop": int(config.eval.crop), **metrics}
     logging.info("tokenizer %s on %s: %s", path, metrics["split"], metrics)
-    if jax.process_index() == 0:
-        out = os.path.join(workdir, OUT_DIR)
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        images_lib.save_png(os.path.join(out, "reconstructions.png"), train.reconstruction_grid(originals, recons))
+    if jax.process_index() == 0:  # local or gs:// workdirs (par_jax.core.paths)
+        out = workdir / OUT_DIR
+        paths.write_json(out / "metrics.json", metrics)
+        images_lib.save_png(out / "reconstructions.png", train.reconstruction_grid(originals, recons))
     return metrics

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
 from PIL import Image
+
+from par_jax.core import paths
 
 
 def to_uint8(images) -> np.ndarray:
@@ -40,13 +42,17 @@ def make_grid(images, rows: int, *, pad: int = 2, pad_value: int = 255) -> np.nd
     return grid
 
 
-def save_png(path: str, array) -> str:
-    """Write an (H, W), (H, W, 1) or (H, W, 3) image (uint8, or floats in [-1, 1]) as PNG, creating folders."""
+def png_bytes(array) -> bytes:
+    """An (H, W), (H, W, 1) or (H, W, 3) image (uint8, or floats in [-1, 1]) encoded as PNG."""
     array = to_uint8(array)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png(path, array) -> str:
+    """Write an (H, W), (H, W, 1) or (H, W, 3) image (uint8, or floats in [-1, 1]) as PNG, creating folders; local or
+    `gs://` paths (par_jax.core.paths)."""
+    return str(paths.write_bytes(path, png_bytes(array)))
