@@ -119,7 +119,6 @@ class _PoisonedIterator:
 
 def poisoned(workdir, bad_step, *overrides):
     from par_jax.data import pipeline
-    from par_jax.training import train
 
     config = tiny_config(overrides)
     make_loader = pipeline.make_train_loader
@@ -132,6 +131,12 @@ def poisoned(workdir, bad_step, *overrides):
             return _PoisonedIterator(iter(self.loader), int(bad_step), config.model.vocab_size)
 
     pipeline.make_train_loader = Loader
+    _train_until_non_finite(config, workdir)
+
+
+def _train_until_non_finite(config, workdir):
+    from par_jax.training import train
+
     try:
         train.train_and_evaluate(config, workdir)
     except train.NonFiniteLossError as e:
@@ -143,7 +148,6 @@ def huge_lr(workdir, bad_step, *overrides):
     import jax.numpy as jnp
 
     from par_jax.core import optim
-    from par_jax.training import train
 
     config = tiny_config(overrides)
     make_schedule = optim.learning_rate_schedule
@@ -154,11 +158,7 @@ def huge_lr(workdir, bad_step, *overrides):
         return lambda step: jnp.where(step == int(bad_step) - 1, 1e30, base(step))
 
     optim.learning_rate_schedule = schedule
-    try:
-        train.train_and_evaluate(config, workdir)
-    except train.NonFiniteLossError as e:
-        print(f"NonFiniteLossError: {e}", flush=True)
-        sys.exit(3)
+    _train_until_non_finite(config, workdir)
 
 
 if __name__ == "__main__":
