@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from par_jax.sampling import cpu_attention, decode
+from par_jax.model import transformer
+from par_jax.sampling import backend, cpu_attention
 
 ATOL = 2e-5
 
@@ -59,13 +60,11 @@ def test_kernel_matches_the_reference(queries, dim, length, visible):
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
-def test_kernel_matches_decode_layers_attention():
-    # The XLA formulation decode.layers uses (float32 scores, float32 lowest for hidden positions).
+def test_kernel_matches_the_models_attention():
+    # The model's XLA attention over the same cache layout (float32 scores, float32 lowest for hidden positions).
     rng = np.random.default_rng(7)
     q, k, v, mask = random_case(rng, 2, 4, 3, 16, 50, 30)
-    scores = jnp.einsum("bqhk,bhks->bhqs", q, k) * (1.0 / np.sqrt(16))
-    scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
-    want = jnp.einsum("bhqs,bhks->bqhk", jax.nn.softmax(scores, axis=-1), v)
+    want = transformer.attend(q, k, v, mask, seq_last=True)
     np.testing.assert_allclose(np.asarray(cpu_attention.attend(q, k, v, mask)), np.asarray(want), atol=ATOL, rtol=0)
 
 
@@ -93,14 +92,14 @@ def test_kernel_rejects_bad_inputs():
 
 def test_attention_choice_errors():
     with pytest.raises(ValueError, match="must be one of"):
-        decode.check_attention("flash", jnp.float32, 1)
+        backend.check_attention("flash", jnp.float32, 1)
     with pytest.raises(ValueError, match="float32"):
-        decode.check_attention("cpu_kernel", jnp.bfloat16, 1)
+        backend.check_attention("cpu_kernel", jnp.bfloat16, 1)
     with pytest.raises(ValueError, match="one device"):
-        decode.check_attention("cpu_kernel", jnp.float32, 8)
-    assert decode.default_attention(jnp.bfloat16, 1) == "xla"
-    assert decode.default_attention(jnp.float32, 8) == "xla"
-    assert decode.default_attention(jnp.float32, 1) == "cpu_kernel"
+        backend.check_attention("cpu_kernel", jnp.float32, 8)
+    assert backend.default_attention(jnp.bfloat16, 1) == "xla"
+    assert backend.default_attention(jnp.float32, 8) == "xla"
+    assert backend.default_attention(jnp.float32, 1) == "cpu_kernel"
 
 
 def test_a_failed_build_says_why(tmp_path, monkeypatch):
@@ -121,7 +120,9 @@ from par_jax.model import ParTransformer, model_config
 from par_jax.sampling import Sampler, SampleSettings
 cfg = model_config("tiny", n=4, grid_shape=(8, 8), vocab_size=64, num_classes=10, dtype="float32")
 model = ParTransformer(cfg, rngs=nnx.Rngs(0))
-print(Sampler(model, SampleSettings(), 1).plan.attention)
+sampler = Sampler(model, SampleSettings(), 1)
+print(sampler.backend.attention)
+print(sampler.describe()["attention_why"])
 try:
     Sampler(model, SampleSettings(), 1, attention="cpu_kernel")
 except ValueError as e:
@@ -132,4 +133,6 @@ except ValueError as e:
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "xla"
-    assert lines[1].startswith("error:") and "PAR_JAX_NO_CPU_KERNELS" in lines[1]
+    assert "PAR_JAX_NO_CPU_KERNELS" in lines[1]  # the fallback says why, in the sampler's description
+    assert lines[2].startswith("error:") and "PAR_JAX_NO_CPU_KERNELS" in lines[2]
+    assert "sampler attention: xla" in out.stderr  # and in the log

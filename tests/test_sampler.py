@@ -48,7 +48,9 @@ LABELS = np.array([1, 5, CLASSES], np.int32)  # the last row asks for the null c
 
 def test_cpu_defaults_to_the_attention_kernel():
     # float32 on one CPU device: the kernel (tests/test_cpu_attention.py builds it; without a compiler it is "xla").
-    assert Sampler(tiny_model(4), SampleSettings(), 1).plan.attention == "cpu_kernel"
+    sampler = Sampler(tiny_model(4), SampleSettings(), 1)
+    assert sampler.backend.attention == "cpu_kernel"
+    assert sampler.describe()["attention_why"].startswith("default")
 
 
 # Both attention paths: XLA's ops (what accelerators run) and the CPU kernel (what float32 CPU sampling runs).
@@ -78,7 +80,8 @@ def test_bfloat16_decoding_tracks_the_float32_forward(n):
     # equal; a wrong mask, position or cache slot gives errors of the logits' own size.
     model = tiny_model(n, (8, 8), dtype="bfloat16")
     sampler = Sampler(model, SampleSettings(guidance=1.5), BATCH, teacher_forced=True)
-    assert sampler.plan.attention == "xla" and sampler.weights["layers"][0]["wo"][0].dtype == jnp.bfloat16
+    wo = sampler.weights["layers"][0]["attention"]["wo"].get_value()
+    assert sampler.backend.attention == "xla" and wo.blocks[0].dtype == jnp.bfloat16
     tokens = random_tokens(model.config)
     got = np.asarray(sampler.score(tokens, LABELS))
     f32 = tiny_model(n, (8, 8))
@@ -109,7 +112,8 @@ def test_column_blocks_decode_like_whole_matrices():
     settings = SampleSettings(guidance=1.5)
     whole = Sampler(model, settings, BATCH, teacher_forced=True, block_cols=0)
     blocks = Sampler(model, settings, BATCH, teacher_forced=True, block_cols=32)
-    assert len(blocks.weights["layers"][0]["wqkv"]) == 6 and len(whole.weights["layers"][0]["wqkv"]) == 1
+    wqkv = lambda s: s.weights["layers"][0]["attention"]["wqkv"].get_value().blocks
+    assert len(wqkv(blocks)) == 6 and len(wqkv(whole)) == 1
     np.testing.assert_allclose(np.asarray(blocks.score(tokens, LABELS)), np.asarray(whole.score(tokens, LABELS)),
                                atol=ATOL, rtol=0)
 

@@ -10,7 +10,8 @@ The kernel is compiled on first use with the system's C++ compiler (`CXX`, else 
 CPU (-march=native) and cached under `$PAR_JAX_CACHE` (default ~/.cache/par_jax) by a hash of the source, the flags,
 the compiler, the jaxlib version and the CPU. Without a compiler (or if the build fails) `available()` is False with
 the reason in `unavailable_reason()`, and the sampler uses XLA's attention: same results, slower.
-Float32 only; the sampler uses it on the CPU backend with one device (decode.default_attention).
+Float32 only; the sampler uses it on the CPU backend with one device (backend.default_attention), as the
+`kernel` of the model's `KVCache` in its (B, heads, head_dim, S) layout.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def unavailable_reason() -> str | None:
 
 
 def attend(q, k, v, mask):
-    """softmax(q k^T / sqrt(D), masked) v for one decoding step, float32.
+    """softmax(q k^T / sqrt(D), masked) v for one sampling step, float32 (the model's `attend` with seq_last).
 
     q (R, Q, H, D); k, v (R, H, D, S) (the sampler's cache layout); mask (Q, S) bool -> (R, Q, H, D).
     """

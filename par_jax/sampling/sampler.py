@@ -1,6 +1,6 @@
 """The PAR sampler: one compiled program per (model, batch, settings) with a static KV cache and `lax.scan` over steps.
 
-Decoding follows the training sequence layout (PAR_SPEC sections 3, 4 and 7). Step s feeds the sequence positions
+Sampling follows the training sequence layout (PAR_SPEC sections 3, 4 and 7). Step s feeds the sequence positions
 `layout.step_bounds()[s]`; the outputs at those positions predict t_start .. t_{end-1}, which are written into a
 token buffer in generation order and fed back at the positions that hold them. For PAR that is: the class token
 (prefill), n - 1 one-token steps, then (N - n)/n steps of n tokens (the first feeds t_{n-1} and M_1 .. M_{n-1}).
@@ -13,9 +13,11 @@ Classifier-free guidance doubles the batch: rows are interleaved (label, null cl
 devices keeps each pair on one device; `logits = u + scale * (c - u)` on raw logits, then temperature, top-k and
 top-p for every token independently. The sampled tokens feed both rows of a pair.
 
-The KV cache is born inside the compiled program and updated in place there (`dynamic_update_slice` in the scan
-carry), so nothing but labels, a key and scalars goes in and the tokens come out: no cache buffer crosses the
-program boundary (there is nothing to donate), no host round trip, no Python per step.
+Every step is the model's own cached call (`ParTransformer.step`), run with the options of a `backend.Backend`
+(weight layout, attention, KV-cache layout) chosen for this machine. The KV cache is born inside the compiled program
+and updated in place there (`dynamic_update_slice` in the scan carry), so nothing but labels, a key and scalars goes
+in and the tokens come out: no cache buffer crosses the program boundary (there is nothing to donate), no host round
+trip, no Python per step.
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ import numpy as np
 from flax import nnx
 
 from par_jax import ordering
-from par_jax.model import ModelConfig
-from par_jax.model.transformer import ParTransformer, check_range, rope_table
-from par_jax.sampling import decode
+from par_jax.model.transformer import ParTransformer, check_range
+from par_jax.sampling.backend import Backend
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
 
@@ -95,8 +96,7 @@ class _Plan(NamedTuple):
     use_top_p: bool
     teacher_forced: bool  # feed given tokens and return logits (the parity check) instead of sampling
     cache_chunks: int     # scans per step width, each attending over a cache just long enough for its steps
-    block_cols: int       # column-block width of the weight matrices (decode.py); 0 = whole matrices
-    attention: str        # decode.ATTENTION: XLA's ops or the CPU kernel
+    backend: Backend      # weight layout, attention and KV-cache layout
 
 
 class _Chunk(NamedTuple):
@@ -143,7 +143,7 @@ def plan_chunks(layout: ordering.SequenceLayout, cache_chunks: int, quantum: int
     return chunks
 
 
-# ----- one decoding step -----
+# ----- one sampling step -----
 
 def _guidance_scale(step, num_steps: int, guidance, stop_step, schedule: str):
     if schedule == "linear":
@@ -183,40 +183,26 @@ def _choose(logits, key, temperature, top_p, plan: _Plan):
     return jnp.take_along_axis(indices, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
 
 
-def _decode(cfg: ModelConfig, weights, labels, key, guidance, stop_step, temperature, top_p, forced, plan: _Plan):
+def _generate(model: ParTransformer, labels, key, guidance, stop_step, temperature, top_p, forced, plan: _Plan):
     """Generate (or, teacher-forced, score) one batch. Returns (tokens (B, N) in generation order, logits or None).
 
-    weights: decode.prepare(model). forced: (B, N) tokens in generation order fed instead of samples when
+    model: as Backend.prepare made it. forced: (B, N) tokens in generation order fed instead of samples when
     plan.teacher_forced (else ignored).
     """
+    cfg = model.config
     layout = cfg.layout
-    n_tok = cfg.num_tokens
     num_steps = layout.num_steps
     batch = plan.batch
-    # Tables computed once; every step slices its rows.
-    kinds = jnp.asarray(layout.input_kind)
-    indices = jnp.asarray(layout.input_index)
-    cos, sin = (jnp.asarray(t) for t in rope_table(cfg))
-    mask = jnp.asarray(layout.attention_mask())
     if plan.guided:  # (label, null) pairs next to each other, so a batch sharded over devices keeps pairs together
         rows_labels = jnp.stack([labels, jnp.full_like(labels, cfg.null_class)], axis=1).reshape(2 * batch)
     else:
         rows_labels = labels
 
-    def step(carry, xs, width: int, cache_len: int):
+    def step(carry, xs, width: int):
         cache, gen = carry
         start, s = xs
-        kind = jax.lax.dynamic_slice_in_dim(kinds, start, width)
-        index = jax.lax.dynamic_slice_in_dim(indices, start, width)
-        fed = jnp.take(gen, jnp.clip(index, 0, n_tok - 1), axis=1)  # token ids at TOKEN positions
-        if plan.guided:
-            fed = jnp.repeat(fed, 2, axis=0)
-        h = decode.embed(cfg, weights, kind, index, fed, rows_labels)
-        h, cache = decode.layers(cfg, weights, h, jax.lax.dynamic_slice_in_dim(cos, start, width),
-                                 jax.lax.dynamic_slice_in_dim(sin, start, width),
-                                 jax.lax.dynamic_slice(mask, (start, 0), (width, cache_len)), cache, start,
-                                 plan.attention)
-        logits = decode.head(cfg, weights, h)                   # (rows, width, V) float32
+        logits, cache = model.step(jnp.repeat(gen, 2, axis=0) if plan.guided else gen, rows_labels, cache, start,
+                                   width)                               # (rows, width, V) float32
         if plan.guided:
             pair = logits.reshape(batch, 2, width, -1)
             scale = _guidance_scale(s, num_steps, guidance, stop_step, plan.schedule)
@@ -231,24 +217,24 @@ def _decode(cfg: ModelConfig, weights, labels, key, guidance, stop_step, tempera
 
     chunks = plan_chunks(layout, plan.cache_chunks)
     rows = batch * (2 if plan.guided else 1)
-    cache = decode.init_cache(cfg, rows, chunks[0].cache_len)
-    gen = jnp.zeros((batch, n_tok), jnp.int32)
+    cache = plan.backend.init_cache(model, rows, chunks[0].cache_len)
+    gen = jnp.zeros((batch, cfg.num_tokens), jnp.int32)
     all_logits = []
     for chunk in chunks:
-        cache = decode.grow_cache(cache, chunk.cache_len)
+        cache = [c.grow(chunk.cache_len) for c in cache]
         xs = (jnp.asarray(chunk.starts, jnp.int32), jnp.asarray(chunk.steps, jnp.int32))
-        body = functools.partial(step, width=chunk.width, cache_len=chunk.cache_len)
-        (cache, gen), ys = jax.lax.scan(body, (cache, gen), xs)
+        (cache, gen), ys = jax.lax.scan(functools.partial(step, width=chunk.width), (cache, gen), xs)
         if plan.teacher_forced:
             all_logits.append(jnp.moveaxis(ys, 0, 1).reshape(batch, len(chunk.starts) * chunk.width, -1))
-    logits = jnp.concatenate(all_logits, axis=1)[:, :n_tok] if plan.teacher_forced else None
+    logits = jnp.concatenate(all_logits, axis=1)[:, :cfg.num_tokens] if plan.teacher_forced else None
     return gen, logits
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "plan"))
-def _decode_jit(weights, labels, key, guidance, stop_step, temperature, top_p, forced, *, cfg, plan):
-    gen, logits = _decode(cfg, weights, labels, key, guidance, stop_step, temperature, top_p, forced, plan)
-    inverse = jnp.asarray(cfg.layout.inverse)  # back to raster order
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
+def _generate_jit(state, labels, key, guidance, stop_step, temperature, top_p, forced, *, graphdef, plan):
+    model = nnx.merge(graphdef, state)
+    gen, logits = _generate(model, labels, key, guidance, stop_step, temperature, top_p, forced, plan)
+    inverse = jnp.asarray(model.config.layout.inverse)  # back to raster order
     return jnp.take(gen, inverse, axis=1), (None if logits is None else jnp.take(logits, inverse, axis=1))
 
 
@@ -258,8 +244,10 @@ class Sampler:
     """A compiled sampler for one model, batch size and settings; reuse it to draw many batches.
 
     With several local devices the batch is sharded over them (parameters replicated). `cache_chunks` trades compile
-    time for attention bytes (see `plan_chunks`). `attention` picks how steps attend over the cache (decode.ATTENTION;
-    default decode.default_attention: the CPU kernel for float32 on one CPU device, else XLA's ops).
+    time for attention bytes (see `plan_chunks`). `attention` picks how steps attend over the cache
+    (backend.ATTENTION; default: the CPU kernel for float32 on one CPU device where it builds, else XLA's ops) and
+    `block_cols` the weights' column blocks (default: 256 on CPU, whole on accelerators); `describe()` says what was
+    chosen and why.
     """
 
     def __init__(self, model: ParTransformer, settings: SampleSettings = SampleSettings(), batch_size: int = 1,
@@ -273,14 +261,11 @@ class Sampler:
         self.config = model.config
         self.settings = settings
         devices = jax.local_devices()
-        if attention is None:
-            attention = decode.default_attention(self.config.dtype, len(devices))
-        decode.check_attention(attention, self.config.dtype, len(devices))
+        self.backend = Backend.choose(self.config.dtype, len(devices), attention, block_cols)
         self.plan = _Plan(batch=batch_size, guided=settings.guided, schedule=settings.guidance_schedule,
                           greedy=settings.temperature == 0, top_k=min(int(settings.top_k), self.config.vocab_size),
                           use_top_p=settings.top_p < 1.0, teacher_forced=teacher_forced, cache_chunks=cache_chunks,
-                          block_cols=decode.default_block_cols() if block_cols is None else int(block_cols),
-                          attention=attention)
+                          backend=self.backend)
         self.mesh = None
         if len(devices) > 1:
             if batch_size % len(devices):
@@ -289,9 +274,12 @@ class Sampler:
             self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                                       devices=devices)
         replicated = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        # The weights as decoding reads them, prepared once (about one more copy of the matrices in compute dtype).
-        self.weights = decode.prepare_weights(model, self.plan.block_cols, replicated)
+        self._graphdef, self.weights = self.backend.prepare(model, replicated)
         self._compiled = None
+
+    def describe(self) -> dict:
+        """The choices this sampler runs with (attention and why, weight blocks, KV-cache layout), e.g. for a log."""
+        return {"batch": self.plan.batch, "cache_chunks": self.plan.cache_chunks, **self.backend.describe()}
 
     def _batch_sharded(self, x):
         if self.mesh is None:
@@ -316,14 +304,14 @@ class Sampler:
         args = self._args(self._batch_sharded(labels.astype(np.int32)), key, forced)
         if self._compiled is not None:
             return self._compiled(*args)
-        return _decode_jit(*args, cfg=self.config, plan=self.plan)
+        return _generate_jit(*args, graphdef=self._graphdef, plan=self.plan)
 
     def compile(self) -> float:
         """Compile ahead of time (later calls run the compiled program); returns the seconds it took."""
         start = time.perf_counter()
         labels = self._batch_sharded(np.zeros((self.plan.batch,), np.int32))
         args = self._args(labels, jax.random.key(0), self._batch_sharded(np.zeros(self._forced_shape, np.int32)))
-        self._compiled = _decode_jit.lower(*args, cfg=self.config, plan=self.plan).compile()
+        self._compiled = _generate_jit.lower(*args, graphdef=self._graphdef, plan=self.plan).compile()
         return time.perf_counter() - start
 
     @property
@@ -338,7 +326,7 @@ class Sampler:
         return tokens
 
     def score(self, tokens, labels) -> jax.Array:
-        """Teacher-forced cached decoding: (guided) float32 logits (B, N, V) in raster order for given raster tokens.
+        """Teacher-forced cached steps: (guided) float32 logits (B, N, V) in raster order for given raster tokens.
 
         Equals the training forward's logits (guided: u + scale * (c - u) of two forwards) up to float rounding.
         """

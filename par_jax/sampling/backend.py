@@ -1,0 +1,155 @@
+"""How the sampler runs the model's cached path on this machine: weight layout, attention, KV-cache layout.
+
+The math is the model's (par_jax/model/transformer.py, `ParTransformer.step`); a `Backend` only picks options of it,
+measured on a 2-core Xeon (XLA:CPU, size B, docs/benchmarks.md):
+- weights prepared once (`prepare`): one buffer per layer (a `scan` over stacked layers slices every matrix out of
+  its stack at every step, which XLA:CPU materialises as a copy: 2x the time per step), matrices in the compute
+  dtype as `ColumnBlocks` of `block_cols` columns on CPU (1.4-2.5x faster 2 to 32-row matmuls), whole (0) on
+  accelerators;
+- the KV cache (B, heads, head_dim, S) on CPU (`seq_last`; 2x faster than (B, S, heads, head_dim) there; keys as
+  (.., S, head_dim) were 10-35% slower for 4 to 16 queries), the training layout (B, S, heads, head_dim) on
+  accelerators;
+- attention over the cache by XLA's ops ("xla") or, in float32 on one CPU device, by the C++ kernel of
+  cpu_attention.py ("cpu_kernel"): XLA:CPU runs it on one thread at ~3-7 GB/s, the kernel on every core (2-3x faster
+  at 4-16 queries; the whole sampler 0.83-0.93x the time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import nnx
+
+from par_jax.model import ParTransformer
+from par_jax.model.transformer import ColumnBlocks
+from par_jax.sampling import cpu_attention
+
+ATTENTION = ("xla", "cpu_kernel")   # how a step attends over the cache: XLA's ops, or cpu_attention.cc
+CPU_BLOCK_COLS = 256                # fastest of 128/256/512/1024 on XLA:CPU
+_KERNEL_MISSING = "it is unavailable: "
+
+
+def _cpu_kernel_unavailable(dtype, num_devices: int) -> str | None:
+    """Why attention="cpu_kernel" cannot run here, or None. The build is tried last (only where it would be used)."""
+    if jax.default_backend() != "cpu":
+        return f"it runs on the CPU backend only (this is {jax.default_backend()})"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"it takes float32 models, this one computes in {jnp.dtype(dtype)}"
+    if num_devices != 1:
+        return f"it needs one device (the batch is sharded over {num_devices})"
+    if not cpu_attention.available():
+        return _KERNEL_MISSING + cpu_attention.unavailable_reason()
+    return None
+
+
+def default_attention(dtype, num_devices: int) -> str:
+    """"cpu_kernel" where it applies (CPU backend, float32, one device, kernel built), else "xla".
+
+    The kernel was 1.8-3x faster than XLA's attention at 1 to 16 queries per step on a 2-core Xeon
+    (docs/benchmarks.md#sampling); with several devices the batch is sharded by XLA, which cannot split a custom call.
+    """
+    return "xla" if _cpu_kernel_unavailable(dtype, num_devices) else "cpu_kernel"
+
+
+def check_attention(attention: str, dtype, num_devices: int) -> None:
+    """A clear error for an attention choice that cannot run here."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
+    reason = _cpu_kernel_unavailable(dtype, num_devices) if attention == "cpu_kernel" else None
+    if reason:
+        raise ValueError(f"attention='cpu_kernel' cannot run here: {reason}; use attention='xla'.")
+
+
+def default_block_cols() -> int:
+    """Column-block width for the current backend: CPU_BLOCK_COLS on CPU, whole matrices (0) on accelerators.
+
+    Also for 2-row steps (n=1, batch 1, guided), although the weight matmuls alone run faster on whole matrices
+    there: the whole sampler was 4-10% slower with them (paired runs, docs/benchmarks.md).
+    """
+    return CPU_BLOCK_COLS if jax.default_backend() == "cpu" else 0
+
+
+@functools.cache
+def _log_choice(attention: str, why: str, warn: bool) -> None:
+    (logging.warning if warn else logging.info)("sampler attention: %s (%s)", attention, why)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """The sampler's options for the model's cached path (hashable: part of a jit static argument).
+
+    attention   one of ATTENTION; attention_why says how it was chosen (the default depends on the machine).
+    block_cols  matrices as column blocks of this width; 0 = whole matrices.
+    seq_last    KV cache stored (B, heads, head_dim, S) instead of (B, S, heads, head_dim).
+    """
+    attention: str
+    block_cols: int
+    seq_last: bool
+    attention_why: str = ""
+
+    @classmethod
+    def choose(cls, dtype, num_devices: int, attention: Optional[str] = None,
+               block_cols: Optional[int] = None) -> "Backend":
+        """This machine's backend; attention/block_cols given override the defaults (a clear error if impossible).
+
+        The default attention depends on whether the CPU kernel builds here (a C++ compiler): the choice and its
+        reason are logged once per process (a warning where only the missing kernel made it "xla") and kept in
+        `attention_why`.
+        """
+        if attention is None:
+            reason = _cpu_kernel_unavailable(dtype, num_devices)
+            attention = "xla" if reason else "cpu_kernel"
+            why = (f"default; cpu_kernel not used: {reason}" if reason
+                   else "default: CPU backend, float32, one device, kernel built")
+            _log_choice(attention, why, bool(reason) and reason.startswith(_KERNEL_MISSING))
+        else:
+            check_attention(attention, dtype, num_devices)
+            why = "asked for"
+        return cls(attention=attention, block_cols=default_block_cols() if block_cols is None else int(block_cols),
+                   seq_last=jax.default_backend() == "cpu", attention_why=why)
+
+    def describe(self) -> dict:
+        """What the sampler runs, for logs and benchmark records."""
+        return {"attention": self.attention, "attention_why": self.attention_why, "block_cols": self.block_cols,
+                "kv_cache": "(B, heads, head_dim, S)" if self.seq_last else "(B, S, heads, head_dim)"}
+
+    def init_cache(self, model: ParTransformer, rows: int, length: int):
+        kernel = cpu_attention.attend if self.attention == "cpu_kernel" else None
+        return model.init_cache(rows, length, seq_last=self.seq_last, kernel=kernel)
+
+    def prepare(self, model: ParTransformer, sharding=None) -> tuple[nnx.GraphDef, nnx.State]:
+        """(graphdef, state) of the model as the sampler runs it, compiled and run once; `sharding` (e.g. replicated
+        over a mesh) places the parameters first. About one more copy of the matrices, in the compute dtype."""
+        graphdef, state = nnx.split(model)
+        if sharding is not None:
+            state = jax.device_put(state, sharding)
+        flat = _flat_model(model.config)
+        return nnx.graphdef(flat), _prepare_jit(graphdef, state, flat=nnx.graphdef(flat), block_cols=self.block_cols)
+
+
+def _flat_model(cfg):
+    """The abstract model with one buffer per layer (no scan, no remat: this is inference)."""
+    return nnx.eval_shape(lambda: ParTransformer(cfg.replace(scan_layers=False, remat="none"), rngs=nnx.Rngs(0)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "flat", "block_cols"))
+def _prepare_jit(graphdef, state, *, flat, block_cols):
+    model = nnx.merge(graphdef, state)
+    cfg = model.config
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if cfg.scan_layers:
+        params["layers"] = {i: jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(cfg.num_layers)}
+    out = nnx.state(_flat_model(cfg), nnx.Param)
+    nnx.replace_by_pure_dict(out, params)
+
+    def prepare(var):
+        fan_in_axes = var.get_metadata().get("fan_in_axes")
+        if fan_in_axes:
+            var = var.replace(ColumnBlocks.of(var.get_value(), fan_in_axes, cfg.dtype, block_cols))
+        return var
+    return jax.tree.map(prepare, out, is_leaf=lambda x: isinstance(x, nnx.Variable))
