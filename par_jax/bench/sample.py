@@ -24,6 +24,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -36,7 +37,8 @@ from flax import nnx
 
 from par_jax.bench.common import loadavg, machine, steal_seconds, table_bandwidth
 from par_jax.model import ParTransformer, model_config
-from par_jax.sampling import decode
+from par_jax.model.transformer import dense
+from par_jax.sampling import backend
 from par_jax.sampling.sampler import SampleSettings, Sampler, plan_chunks
 
 # PyTorch release, size B, 24x24, batch 1, guidance 1.5, float32, 2-core CPU (issue 3): seconds per image.
@@ -72,25 +74,28 @@ def weight_bytes_per_step(model: ParTransformer) -> int:
     return (cfg.num_layers * per_layer + cfg.dim * cfg.vocab_size) * jnp.dtype(cfg.dtype).itemsize
 
 
-def matmul_floor_fn(cfg, chunks, rows_per_token: int):
-    """A jitted function running only the weight matmuls of every step on prepared weights (decode.prepare), at the
-    sampler's row counts and in scans of the same lengths. Every output element is used (q+k+v feeds the output
-    projection, the logits' row means feed the next step), so XLA cannot drop any part of a matmul."""
-    d = cfg.dim
+def matmul_floor_fn(cfg, chunks, rows_per_token: int, graphdef):
+    """A jitted function running only the weight matmuls of every step on prepared weights (Backend.prepare: its
+    graphdef, and the state to call it with), at the sampler's row counts and in scans of the same lengths. Every
+    output element is used (q+k+v feeds the output projection, the logits' row means feed the next step), so XLA
+    cannot drop any part of a matmul."""
+    dt = jnp.dtype(cfg.dtype)
 
-    def one_step(h, w):
-        for p in w["layers"]:
-            qkv = decode._dense(h, p["wqkv"])
-            h = h + decode._dense(qkv[:, :d] + qkv[:, d:2 * d] + qkv[:, 2 * d:], p["wo"])
-            h = h + decode._dense(decode._dense(h, p["w1"]) * decode._dense(h, p["w3"]), p["w2"])
-        return h + jnp.mean(decode._dense(h, w["output"]), axis=-1, keepdims=True) * 1e-6
+    def one_step(h, model):
+        for layer in model.layers:
+            qkv = dense(h, layer.attention.wqkv, dt)                  # (rows, q|k|v, heads, head_dim)
+            h = h + dense(qkv.sum(axis=1), layer.attention.wo, dt)
+            mlp = layer.feed_forward
+            h = h + dense(dense(h, mlp.w1, dt) * dense(h, mlp.w3, dt), mlp.w2, dt)
+        return h + jnp.mean(dense(h, model.output, dt), axis=-1, keepdims=True) * 1e-6
 
     @jax.jit
-    def run(w):
-        h = jnp.full((rows_per_token, 1, cfg.dim), 1e-3, jnp.dtype(cfg.dtype))
+    def run(state):
+        model = nnx.merge(graphdef, state)
+        h = jnp.full((rows_per_token, 1, cfg.dim), 1e-3, dt)
         for width, count in chunks:  # chained like the sampler's scans (independent scans could overlap)
             h = jnp.broadcast_to(h[:, :1], (rows_per_token, width, cfg.dim)).reshape(-1, cfg.dim)
-            h, _ = jax.lax.scan(lambda h, _: (one_step(h, w), None), h, None, length=count)
+            h, _ = jax.lax.scan(lambda h, _: (one_step(h, model), None), h, None, length=count)
             h = h.reshape(rows_per_token, width, cfg.dim)
         return h.sum()
     return run
@@ -135,15 +140,17 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     # Scans of the same lengths as the sampler's (step widths x cache chunks), without attention or sampling.
     chunks = [(c.width, len(c.starts)) for c in plan_chunks(cfg.layout, sampler.plan.cache_chunks)]
     rows_per_token = args.batch * (2 if settings.guided else 1)
-    floor_fn = matmul_floor_fn(cfg, chunks, rows_per_token)
+    floor_fn = matmul_floor_fn(cfg, chunks, rows_per_token, sampler._graphdef)
     fns = {"sampler": lambda: sampler(labels, key)}
     if baseline is not None:
         fns["baseline"] = lambda: baseline(labels, key)
-    forms = {sampler.plan.block_cols}
+    used = sampler.backend
+    forms = {used.block_cols}
     if args.floor_forms == "both":  # whole matrices and the backend's default layout, whichever the sampler chose
-        forms |= {0, decode.default_block_cols()}
+        forms |= {0, backend.default_block_cols()}
     for block_cols in sorted(forms, reverse=True):
-        weights = sampler.weights if block_cols == sampler.plan.block_cols else decode.prepare_weights(model, block_cols)
+        weights = (sampler.weights if block_cols == used.block_cols
+                   else dataclasses.replace(used, block_cols=block_cols).prepare(model)[1])
         fns[f"block_cols={block_cols}"] = functools.partial(floor_fn, weights)
     for _ in range(args.warmup):
         for fn in fns.values():
@@ -161,7 +168,8 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     bw_floor = steps * wbytes / bandwidth
     row = {
         "size": args.size, "n": n, "grid": list(cfg.grid_shape), "batch": args.batch, "guidance": args.guidance,
-        "dtype": args.dtype, "attention": sampler.plan.attention, "steps": steps, "compile_s": compile_s,
+        "dtype": args.dtype, "attention": used.attention, "attention_why": used.attention_why,
+        "sampler": sampler.describe(), "steps": steps, "compile_s": compile_s,
         "s_per_batch": per_batch,
         "s_per_batch_runs": times, "ms_per_step": 1e3 * per_batch / steps, "images_per_s": args.batch / per_batch,
         "matmul_floor_s": matmul_floor, "matmul_floor_runs": floor_runs, "matmul_floor_by_form_s": floors,
@@ -174,7 +182,7 @@ def bench_one(args, n: int, bandwidth: float) -> dict:
     if card is not None:
         row.update(device_bandwidth_GBps=card / 1e9, vs_device_bandwidth=row["weights_GBps"] * 1e9 / card)
     if base_times is not None:
-        row.update(baseline_attention=baseline.plan.attention, baseline_s_per_batch=statistics.median(base_times),
+        row.update(baseline_attention=baseline.backend.attention, baseline_s_per_batch=statistics.median(base_times),
                    baseline_s_per_batch_runs=base_times,
                    vs_baseline=statistics.median([t / b for t, b in zip(times, base_times)]))
     ref = TORCH_RELEASE_CPU_S.get(n)
@@ -220,9 +228,9 @@ def main(argv=None):
     p.add_argument("--vocab", default=16384, type=int)
     p.add_argument("--num_classes", default=1000, type=int)
     p.add_argument("--cache_chunks", default=4, type=int, help="Sampler(cache_chunks=...)")
-    p.add_argument("--attention", default="auto", choices=("auto",) + decode.ATTENTION,
+    p.add_argument("--attention", default="auto", choices=("auto",) + backend.ATTENTION,
                    help="Sampler(attention=...); auto: the CPU kernel for float32 on one CPU device, else xla")
-    p.add_argument("--baseline_attention", default="", choices=("",) + decode.ATTENTION,
+    p.add_argument("--baseline_attention", default="", choices=("",) + backend.ATTENTION,
                    help="also time the sampler with this attention in the same rounds (reports the paired ratio)")
     p.add_argument("--floor_forms", default="both", choices=("both", "sampler"),
                    help="weight layouts timed for the matmul floor: whole matrices and (on CPU) 256-column blocks "
@@ -259,7 +267,7 @@ def main(argv=None):
             f"{'x floor':>7} {'bw floor':>8} {'x bw':>5} {'GB/s':>7} {'of card':>7} {'vs n=1':>6} {'step x':>6} "
             f"{'torch s':>7} {'speedup':>7}")
     print(f"\nsize {args.size}, grid {'x'.join(map(str, args.grid))}, batch {args.batch}, guidance {args.guidance}, "
-          f"{args.dtype}, attention {rows[0]['attention']}, median of {args.runs} runs")
+          f"{args.dtype}, attention {rows[0]['attention']} ({rows[0]['attention_why']}), median of {args.runs} runs")
     print(head)
     for r in rows:
         torch = f"{r['torch_release_s_per_image']:7.1f} {r['speedup_vs_torch_release']:6.1f}x" if "torch_release_s_per_image" in r else f"{'-':>7} {'-':>7}"
