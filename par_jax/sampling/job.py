@@ -14,7 +14,8 @@ The output folder is created and checked first: an unwritable one is an error na
 or sampled. Each batch is written to <name>/batches/ as it completes, so a rerun of an interrupted job skips the
 batches already there (and says so); the settings of the first run are recorded, and a rerun with different ones is
 refused with the differing fields (instead of mixing samples). When every batch is there, samples.npz and grid.png
-are assembled and the batch files removed; a rerun of a finished job only reads samples.npz back.
+are assembled and the batch files removed; a rerun of a finished job only reads samples.npz back. With several
+processes every process samples every batch on its own devices and process 0 alone writes.
 """
 
 from __future__ import annotations
