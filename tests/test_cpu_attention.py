@@ -97,9 +97,9 @@ def test_attention_choice_errors():
         backend.check_attention("cpu_kernel", jnp.bfloat16, 1)
     with pytest.raises(ValueError, match="one device"):
         backend.check_attention("cpu_kernel", jnp.float32, 8)
-    assert backend.default_attention(jnp.bfloat16, 1) == "xla"
-    assert backend.default_attention(jnp.float32, 8) == "xla"
-    assert backend.default_attention(jnp.float32, 1) == "cpu_kernel"
+    assert backend.Backend.choose(jnp.bfloat16, 1).attention == "xla"
+    assert backend.Backend.choose(jnp.float32, 8).attention == "xla"
+    assert backend.Backend.choose(jnp.float32, 1).attention == "cpu_kernel"
 
 
 def test_a_failed_build_says_why(tmp_path, monkeypatch):

@@ -4,13 +4,11 @@ Pre-norm decoder without biases: RMSNorm (float32), fused q|k|v attention with p
 final RMSNorm and an unbiased vocabulary head (logits in float32). Parameters are float32 and carry logical axis
 names (`out_sharding` metadata) that training maps onto a device mesh; compute runs in `config.dtype`.
 
-One definition serves training and sampling. The training forward (`__call__`) takes raster-order tokens and returns
-the loss and raster-order logits. The cached call (`step`, as Flax gemma's `Attention(x, pos, cache, mask)`) runs a
-few sequence positions over per-layer `KVCache`s: their keys and values are written with `dynamic_update_slice` and
-the positions' rows of the block-causal mask are sliced from the table. How a machine runs that path is an option of
-it, not a second copy of the math: matrices prepared once as `ColumnBlocks` instead of the float32 parameters, and
-the cache's layout and attention kernel (`KVCache.seq_last`, `KVCache.kernel`). par_jax/sampling/backend.py chooses
-them; tests/test_sampler.py checks every choice against the training forward.
+One definition serves training and sampling: the training forward (`__call__`: raster-order tokens in, loss and
+raster-order logits out) and the cached call (`step`, as Flax gemma's `Attention(x, pos, cache, mask)`: a few
+sequence positions over per-layer `KVCache`s) run the same layers. How a machine runs the cached call is an option of
+it, not a second copy of the math: matrices prepared as `ColumnBlocks`, the cache's layout and an attention kernel
+(par_jax/sampling/backend.py chooses them).
 """
 
 from __future__ import annotations
@@ -42,12 +40,8 @@ def _param(rngs: nnx.Rngs, init, shape, names, fan_in_axes: int = 0) -> nnx.Para
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["blocks"], meta_fields=["out_shape"])
 @dataclasses.dataclass(frozen=True)
 class ColumnBlocks:
-    """A matrix parameter prepared for repeated calls: (fan_in, fan_out), cast to the compute dtype, column blocks.
-
-    XLA:CPU runs 2 to 32-row matmuls 1.4-2.5x faster on 256-column blocks than on one wide matrix; accelerators take
-    one block. Preparing once keeps the per-step cast out of the loop, and the flat (dim, 3*dim) q|k|v avoids the
-    transpose of the whole weight per step that XLA:CPU made of the (dim, 3, heads, head_dim) product.
-    """
+    """A matrix parameter prepared for many calls: flat (fan_in, fan_out), in the compute dtype, split by columns
+    (why: sampling/backend.py). `dense` multiplies by it as by the parameter."""
     blocks: tuple
     out_shape: tuple
 
@@ -102,13 +96,11 @@ def attend(q, k, v, mask, *, seq_last: bool = False, dropout: float = 0.0, rng=N
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=["seq_last", "kernel"])
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """One layer's keys and values for cached calls, in the compute dtype; built by `ParTransformer.init_cache`.
+    """One layer's keys and values for cached calls, in the compute dtype (`ParTransformer.init_cache`).
 
-    seq_last  stored (B, heads, head_dim, S) instead of (B, S, heads, head_dim): on XLA:CPU one contiguous run per
-              (row, head) that both attention products stream along S (2x faster); accelerators take the default.
-    kernel    attention over this layout replacing XLA's ops, kernel(q, k, v, mask) -> like `attend` (e.g. the CPU
-              kernel of sampling/cpu_attention.py); None: `attend`.
-    A model with stacked layers (scan_layers) takes one KVCache whose arrays have a leading layer axis.
+    seq_last: stored (B, heads, head_dim, S) instead of (B, S, heads, head_dim). kernel: attention over this layout
+    in place of `attend`, called as kernel(q, k, v, mask). With stacked layers (scan_layers) one KVCache holds them
+    all along a leading layer axis.
     """
     k: jax.Array
     v: jax.Array

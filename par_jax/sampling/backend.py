@@ -47,15 +47,6 @@ def _cpu_kernel_unavailable(dtype, num_devices: int) -> str | None:
     return None
 
 
-def default_attention(dtype, num_devices: int) -> str:
-    """"cpu_kernel" where it applies (CPU backend, float32, one device, kernel built), else "xla".
-
-    The kernel was 1.8-3x faster than XLA's attention at 1 to 16 queries per step on a 2-core Xeon
-    (docs/benchmarks.md#sampling); with several devices the batch is sharded by XLA, which cannot split a custom call.
-    """
-    return "xla" if _cpu_kernel_unavailable(dtype, num_devices) else "cpu_kernel"
-
-
 def check_attention(attention: str, dtype, num_devices: int) -> None:
     """A clear error for an attention choice that cannot run here."""
     if attention not in ATTENTION:
@@ -97,8 +88,9 @@ class Backend:
                block_cols: Optional[int] = None) -> "Backend":
         """This machine's backend; attention/block_cols given override the defaults (a clear error if impossible).
 
-        The default attention depends on whether the CPU kernel builds here (a C++ compiler): the choice and its
-        reason are logged once per process (a warning where only the missing kernel made it "xla") and kept in
+        Default attention: "cpu_kernel" where it applies (CPU backend, float32, one device: with several, XLA shards
+        the batch and cannot split a custom call) and builds (a C++ compiler), else "xla". The choice and its reason
+        are logged once per process (a warning where only the missing kernel made it "xla") and kept in
         `attention_why`.
         """
         if attention is None:
@@ -128,8 +120,7 @@ class Backend:
         graphdef, state = nnx.split(model)
         if sharding is not None:
             state = jax.device_put(state, sharding)
-        flat = _flat_model(model.config)
-        return nnx.graphdef(flat), _prepare_jit(graphdef, state, flat=nnx.graphdef(flat), block_cols=self.block_cols)
+        return nnx.graphdef(_flat_model(model.config)), _prepare_jit(graphdef, state, block_cols=self.block_cols)
 
 
 def _flat_model(cfg):
@@ -137,8 +128,8 @@ def _flat_model(cfg):
     return nnx.eval_shape(lambda: ParTransformer(cfg.replace(scan_layers=False, remat="none"), rngs=nnx.Rngs(0)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "flat", "block_cols"))
-def _prepare_jit(graphdef, state, *, flat, block_cols):
+@functools.partial(jax.jit, static_argnames=("graphdef", "block_cols"))
+def _prepare_jit(graphdef, state, *, block_cols):
     model = nnx.merge(graphdef, state)
     cfg = model.config
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -147,9 +138,9 @@ def _prepare_jit(graphdef, state, *, flat, block_cols):
     out = nnx.state(_flat_model(cfg), nnx.Param)
     nnx.replace_by_pure_dict(out, params)
 
-    def prepare(var):
+    def to_blocks(var):  # every matrix, whichever layer it belongs to
         fan_in_axes = var.get_metadata().get("fan_in_axes")
         if fan_in_axes:
             var = var.replace(ColumnBlocks.of(var.get_value(), fan_in_axes, cfg.dtype, block_cols))
         return var
-    return jax.tree.map(prepare, out, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(to_blocks, out, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -10,7 +10,7 @@ The kernel is compiled on first use with the system's C++ compiler (`CXX`, else 
 CPU (-march=native) and cached under `$PAR_JAX_CACHE` (default ~/.cache/par_jax) by a hash of the source, the flags,
 the compiler, the jaxlib version and the CPU. Without a compiler (or if the build fails) `available()` is False with
 the reason in `unavailable_reason()`, and the sampler uses XLA's attention: same results, slower.
-Float32 only; the sampler uses it on the CPU backend with one device (backend.default_attention), as the
+Float32 only; the sampler uses it on the CPU backend with one device (backend.Backend.choose), as the
 `kernel` of the model's `KVCache` in its (B, heads, head_dim, S) layout.
 """
 
