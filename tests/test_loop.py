@@ -48,3 +48,14 @@ def test_classifier_training_stops_before_a_non_finite_model_is_returned_for_sav
     settings = classifier.TrainSettings(steps=4, batch_size=8, learning_rate=1e30, log_every=2)
     with pytest.raises(loop.NonFiniteError, match="at step 2.*nothing was saved"):
         classifier.train(settings, data=(images, labels))
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_refuses_to_start_over(tmp_path):
+    from par_jax.core import checkpoint
+    train.train_and_evaluate(_tiny_config(2), str(tmp_path))
+    for f in (tmp_path / "checkpoints" / "2" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated
+    with pytest.raises(checkpoint.DamagedCheckpointsError, match=r"steps \[2\].*new --workdir"):
+        train.train_and_evaluate(_tiny_config(4), str(tmp_path))
+    assert len(list((tmp_path / "checkpoints").glob("2.damaged-*"))) == 1  # moved aside, not deleted

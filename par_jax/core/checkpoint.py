@@ -131,7 +131,13 @@ class _QuietOrbax:
     """A logging filter dropping orbax's INFO chatter (dozens of lines per save); its warnings and errors stay."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+        if "orbax" not in record.pathname:
+            return True
+        if record.levelno >= std_logging.WARNING:
+            # A failed save is reported once, by the run, with its cause; orbax's threads would add a traceback each.
+            record.exc_info = record.exc_text = None
+            return True
+        return False
 
 
 def quiet_orbax_logs() -> None:
@@ -144,6 +150,14 @@ def quiet_orbax_logs() -> None:
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions, a bucket error): the run stops at once."""
+
+
+class DamagedCheckpointsError(RuntimeError):
+    """Every checkpoint of a run failed to restore: the run refuses to start over silently."""
+
+
+# Failures that say nothing about the files (a bucket or the machine having a bad moment): not a damaged checkpoint.
+_TRANSIENT = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "Out of memory", "out of memory")
 
 
 class TrainCheckpointer:
@@ -194,11 +208,14 @@ class TrainCheckpointer:
             return
         try:
             self.manager.check_for_errors()
+            if not self.manager.is_saving_in_progress():
+                # orbax's own finalize thread may have consumed the error already; waiting on a finished save
+                # returns at once and raises what it left.
+                self.manager.wait_until_finished()
+                self._pending_step = None
         except Exception as e:  # noqa: BLE001 (whatever the storage raised, the run must stop and say why)
             step, self._pending_step = self._pending_step, None
             raise CheckpointSaveError(_save_failure(step, self.directory, e)) from e
-        if not self.manager.is_saving_in_progress():
-            self._pending_step = None
 
     def save(self, step: int, state: dict, data_iter: Iterator, config, *, force: bool = False) -> bool:
         self.check_saved()
@@ -252,7 +269,8 @@ class TrainCheckpointer:
         `check(step, saved model config JSON)` runs before any weight is read and may raise (a model of another
         shape). A step that fails to read (truncated or corrupt files) is moved aside to `<step>.damaged-<time>`
         (never deleted) with a warning naming it, and the next older step is tried."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
             try:
                 saved = self.saved_config(step)
             except Exception as e:  # noqa: BLE001 (an unreadable step: fall back to an older one)
@@ -264,9 +282,16 @@ class TrainCheckpointer:
                 return step, self.restore(step, abstract_state, data_iter)
             except Exception as e:  # noqa: BLE001
                 self._set_aside(step, e)
+        if steps:  # never start from scratch silently over a run's damaged checkpoints
+            raise DamagedCheckpointsError(
+                f"every checkpoint in {self.directory} (steps {sorted(steps)}) is damaged and was moved aside "
+                f"(*.damaged-*); nothing to resume from. Start over in a new --workdir, or remove the damaged "
+                f"folders to start over here.")
         return None, None
 
     def _set_aside(self, step: int, error: BaseException) -> None:
+        if any(word in str(error) for word in _TRANSIENT):  # the storage or the machine, not the files: retry later
+            raise error
         damaged = self.directory / str(step)
         aside = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:

@@ -42,7 +42,8 @@ class IncompatibleCheckpointError(ValueError):
 
 
 # A run that stopped on purpose and said why in its message: entry points print the message, not a traceback.
-STOPS = (NonFiniteError, IncompatibleCheckpointError, ckpt_lib.CheckpointSaveError, workdir_lib.WorkdirInUseError)
+STOPS = (NonFiniteError, IncompatibleCheckpointError, ckpt_lib.CheckpointSaveError, ckpt_lib.DamagedCheckpointsError,
+         workdir_lib.WorkdirInUseError)
 
 
 def check_finite(step: int, values: Mapping[str, Any], *, kept: Callable[[], str], hint: str = "") -> None:
