@@ -172,7 +172,7 @@ def run(config, workdir: str) -> dict[str, Any]:
             path = dirs["report"] / "loss.png"
             plot_curve(steps, loss, os.fspath(path), f"PAR-{par.model.n}x on Fashion-MNIST codes: training loss")
             out.update(loss_png=os.fspath(path), first_loss=float(loss[0]), last_loss=float(loss[-1]))
-        shutil.copy(results["samples"]["png"], dirs["report"] / "samples.png")
+        shutil.copy(os.fspath(root / results["samples"]["png"]), dirs["report"] / "samples.png")  # relative to root
         out["samples_png"] = os.fspath(dirs["report"] / "samples.png")
         return out
 

@@ -45,9 +45,9 @@ def test_quick_demo_runs_end_to_end_and_resumes(tmp_path):
         assert np.isfinite(ev[key]), key
     assert 0.0 <= ev["class_consistency"] <= 1.0
 
-    grid = np.asarray(Image.open(results["samples"]["png"]))
+    grid = np.asarray(Image.open(workdir / results["samples"]["png"]))
     assert grid.ndim == 3 and grid.shape[2] == 3 and grid.std() > 0  # real pictures, not a blank canvas
-    with np.load(results["samples"]["npz"]) as f:
+    with np.load(workdir / results["samples"]["npz"]) as f:
         assert f["arr_0"].shape == (20, 32, 32, 3) and f["arr_0"].dtype == np.uint8
         assert sorted(set(f["arr_1"].tolist())) == list(range(10))  # a row per class
     assert os.path.exists(results["report"]["loss_png"])
