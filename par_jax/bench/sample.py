@@ -1,6 +1,11 @@
 r"""Sampling speed against floors measured in the same process.
 
     python -m par_jax.bench.sample --size=B --n=1,4,16 --grid=24x24 --batch=1 --guidance=1.5 --dtype=float32
+    python -m par_jax.bench.sample --config=configs/par.py:size=B,res=384 --n=1,4,16 --dtype=float32
+
+The model and sampling settings come from the flags (--size, --grid, --vocab, --num_classes, --dtype, --n,
+--guidance, --temperature, --top_k, --top_p) or, with --config, from its `model` and `sample` blocks (an explicit
+flag still wins; --n defaults to the config's n).
 
 For each n: compile time, seconds per batch (median of --runs timed calls after a warm-up call), ms per step, steps,
 images/s, and two floors:
@@ -23,19 +28,21 @@ docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
 from par_jax.bench.common import loadavg, machine, steal_seconds, table_bandwidth
+from par_jax.core import config_args
 from par_jax.model import ParTransformer, model_config
 from par_jax.model.transformer import dense
 from par_jax.sampling import backend
@@ -68,7 +75,7 @@ def copy_bandwidth(num_bytes: int = 1 << 30, runs: int = 5) -> float:
 
 
 def weight_bytes_per_step(model: ParTransformer) -> int:
-    """Bytes of the weight matrices one decoding step reads (every layer's and the vocabulary head), compute dtype."""
+    """Bytes of the weight matrices one sampling step reads (every layer's and the vocabulary head), compute dtype."""
     cfg = model.config
     per_layer = cfg.dim * 3 * cfg.dim + cfg.dim * cfg.dim + 3 * cfg.dim * cfg.mlp_hidden
     return (cfg.num_layers * per_layer + cfg.dim * cfg.vocab_size) * jnp.dtype(cfg.dtype).itemsize
@@ -214,33 +221,61 @@ def parse_grid(text: str) -> tuple[int, ...]:
     return tuple(int(g) for g in text.lower().split("x"))
 
 
+def define_flags(fv: flags.FlagValues, argv) -> None:
+    config_args.define_config(fv, argv, "Optional experiment config whose model and sample blocks set the defaults "
+                              "below, e.g. configs/par.py:size=B,res=384.")
+    flags.DEFINE_string("size", "B", "Model size.", flag_values=fv)
+    flags.DEFINE_string("n", "1,4,16", "Comma-separated tokens per step, one row each.", flag_values=fv)
+    flags.DEFINE_string("grid", "24x24", "HxW or TxHxW tokens.", flag_values=fv)
+    flags.DEFINE_integer("batch", 1, "Images per call.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_float("guidance", 1.5, "Classifier-free guidance scale.", flag_values=fv)
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.", flag_values=fv)
+    flags.DEFINE_integer("top_k", 0, "Top-k (0: off).", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "Top-p (1: off).", flag_values=fv)
+    flags.DEFINE_string("dtype", "float32", "Compute dtype.", flag_values=fv)
+    flags.DEFINE_integer("vocab", 16384, "Vocabulary size.", flag_values=fv)
+    flags.DEFINE_integer("num_classes", 1000, "Classes.", flag_values=fv)
+    flags.DEFINE_integer("cache_chunks", 4, "Sampler(cache_chunks=...).", flag_values=fv)
+    flags.DEFINE_enum("attention", "auto", ("auto",) + backend.ATTENTION,
+                      "Sampler(attention=...); auto: the CPU kernel for float32 on one CPU device, else xla.",
+                      flag_values=fv)
+    flags.DEFINE_enum("baseline_attention", "", ("",) + backend.ATTENTION,
+                      "Also time the sampler with this attention in the same rounds (reports the paired ratio).",
+                      flag_values=fv)
+    flags.DEFINE_enum("floor_forms", "both", ("both", "sampler"),
+                      "Weight layouts timed for the matmul floor: whole matrices and (on CPU) 256-column blocks "
+                      "(both), or only the sampler's own (halves the floor's time for long throughput runs).",
+                      flag_values=fv)
+    flags.DEFINE_integer("runs", 3, "Timed calls after the warm-up (median reported); at least 3.", lower_bound=3,
+                         flag_values=fv)
+    flags.DEFINE_integer("warmup", 1, "Untimed calls first.", lower_bound=0, flag_values=fv)
+    flags.DEFINE_string("json", "bench_sample.json", "Where the rows go (rewritten after every n).", flag_values=fv)
+
+
+def settings_from_flags(f: flags.FlagValues):
+    """The run's settings as one namespace: each flag, or (when --config is given and the flag is not) the config's
+    model and sample fields."""
+    names = ("size", "n", "grid", "batch", "guidance", "temperature", "top_k", "top_p", "dtype", "vocab",
+             "num_classes", "cache_chunks", "attention", "baseline_attention", "floor_forms", "runs", "warmup", "json")
+    args = {k: f[k].value for k in names}
+    config = f.config
+    if config is not None:
+        m, s = config.model, config.sample
+        from_config = dict(size=m.size, n=str(m.n), grid="x".join(map(str, m.grid_shape)), dtype=m.dtype,
+                           vocab=m.vocab_size, num_classes=m.num_classes, guidance=s.guidance,
+                           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        args.update({k: v for k, v in from_config.items() if not f[k].present})
+    try:
+        args["grid"] = parse_grid(args["grid"])
+        [int(x) for x in args["n"].split(",")]
+    except ValueError:
+        raise config_args.UsageError(f"--grid is HxW (e.g. 24x24) and --n comma-separated integers; got "
+                                     f"{args['grid']!r} and {args['n']!r}.") from None
+    return types.SimpleNamespace(**args)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="B")
-    p.add_argument("--n", default="1,4,16", help="comma-separated tokens per step")
-    p.add_argument("--grid", default="24x24", type=parse_grid, help="HxW or TxHxW tokens")
-    p.add_argument("--batch", default=1, type=int)
-    p.add_argument("--guidance", default=1.5, type=float)
-    p.add_argument("--temperature", default=1.0, type=float)
-    p.add_argument("--top_k", default=0, type=int)
-    p.add_argument("--top_p", default=1.0, type=float)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--vocab", default=16384, type=int)
-    p.add_argument("--num_classes", default=1000, type=int)
-    p.add_argument("--cache_chunks", default=4, type=int, help="Sampler(cache_chunks=...)")
-    p.add_argument("--attention", default="auto", choices=("auto",) + backend.ATTENTION,
-                   help="Sampler(attention=...); auto: the CPU kernel for float32 on one CPU device, else xla")
-    p.add_argument("--baseline_attention", default="", choices=("",) + backend.ATTENTION,
-                   help="also time the sampler with this attention in the same rounds (reports the paired ratio)")
-    p.add_argument("--floor_forms", default="both", choices=("both", "sampler"),
-                   help="weight layouts timed for the matmul floor: whole matrices and (on CPU) 256-column blocks "
-                        "(both), or only the sampler's own (halves the floor's time for long throughput runs)")
-    p.add_argument("--runs", default=3, type=int, help="timed calls after the warm-up (median reported)")
-    p.add_argument("--warmup", default=1, type=int)
-    p.add_argument("--json", default="bench_sample.json")
-    args = p.parse_args(argv)
-    if args.runs < 3:
-        p.error("--runs must be at least 3 (the median of several runs is reported).")
+    args = settings_from_flags(config_args.parse_flags(argv, define_flags, doc=__doc__))
 
     info = machine()
     bandwidth = copy_bandwidth()
@@ -286,4 +321,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    config_args.run(main)
