@@ -198,7 +198,7 @@ def parse_flags(argv: Sequence[str] | None, define: Callable[[flags.FlagValues, 
         if user is not None:
             raise UsageError(message(user)) from None
         if "Error whilst parsing config file" in str(e):
-            raise _innermost(e, Exception)  # a config file that crashed: its own traceback, not an escaped copy
+            raise _innermost(e, Exception) from None  # a config file that crashed: its own traceback only
         text = str(e).replace("Flag --", "--").removeprefix("flag ")
         if "must have a value other than None" in text:
             text = f"{text.split('=')[0].removeprefix('flag ')} is required."
