@@ -26,13 +26,15 @@ import dataclasses
 import ml_collections
 
 from par_jax.core import config_args
-from par_jax.tokenizer import vq
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def _tokenizer_section(name: str, **overrides) -> ml_collections.ConfigDict:
-    # Every VQConfig field is present, so each can be overridden on the command line.
+    # Every VQConfig field is present, so each can be overridden on the command line. (Imported here: the arguments
+    # are checked before jax is.)
+    from par_jax.tokenizer import vq  # noqa: PLC0415
+
     fields = dataclasses.asdict(vq.vq_config(name, **overrides))
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
     return ml_collections.ConfigDict(dict(name=name, **fields))
