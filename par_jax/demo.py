@@ -131,10 +131,12 @@ def run(config, workdir: str) -> dict[str, Any]:
         source = sources_lib.make_image_source(d.image_source, split=d.split, image_size=d.image_size)
         if config.demo.max_images:
             source = _Subset(source, int(config.demo.max_images))
+        tok = tokenizer_lib.load(d.tokenizer)
         meta = extract_lib.extract_codes(
-            tokenizer_lib.load(d.tokenizer), source, d.codes_dir, image_size=d.image_size, views=d.views,
+            tok, source, d.codes_dir, image_size=d.image_size, views=d.views,
             flip_views=d.flip_views, batch_size=d.extract_batch_size, records_per_shard=d.records_per_shard,
-            tokenizer_id=d.tokenizer, expected_grid_shape=tuple(par.model.grid_shape), workers=d.extract_workers)
+            tokenizer_id=d.tokenizer, tokenizer_fingerprint=tokenizer_lib.fingerprint(tok),
+            expected_grid_shape=tuple(par.model.grid_shape), workers=d.extract_workers)
         return {"images": len(source), "codes_dir": d.codes_dir, "metadata": str(meta)}
 
     results["codes"] = _run_phase(root, 2, "codes", "extracting token codes of the training images", extract, force)

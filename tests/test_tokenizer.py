@@ -327,6 +327,11 @@ def test_decoding_with_another_tokenizer_than_the_codes_were_made_with_is_refuse
     tokenizer.check_codes_tokenizer(a, str(tmp_path))
     with pytest.raises(ValueError, match=r"(?s)not the one the training codes.*workdirs/tok_a.*sample.tokenizer"):
         tokenizer.check_codes_tokenizer(b, str(tmp_path))
+    # What the sample and evaluate jobs and the training plug-ins call: load(path, codes_dir=...).
+    from par_jax.core import checkpoint as ckpt_lib
+    ckpt_lib.save_params(tmp_path / "b", b)
+    with pytest.raises(ValueError, match="not the one the training codes"):
+        tokenizer.load(tmp_path / "b", codes_dir=str(tmp_path))
 
 
 # ----- perceptual and adversarial losses ---------------------------------------------------------------------------

@@ -15,6 +15,8 @@ of batches `{"tokens": int32 (local_batch, N) raster order, "label": int32 (loca
 
 from __future__ import annotations
 
+import os
+
 import grain
 import jax
 import numpy as np
@@ -41,6 +43,14 @@ def make_codes_source(config, codes_dir: str | None = None):
     source = codes_lib.CodesSource(codes_dir)
     check_compatible(source.metadata, config, codes_dir)
     return source
+
+
+def training_codes_dir(config) -> str:
+    """The codes directory a decoder of `config` trains on, when it trains on codes that exist ("" otherwise): their
+    metadata says which tokenizer made them, so that sampling can decode with that one."""
+    data = config.get("data") or {}
+    directory = str(data.get("codes_dir", "") or "") if data.get("source") == "codes" else ""
+    return directory if directory and os.path.exists(os.path.join(directory, codes_lib.METADATA_FILE)) else ""
 
 
 def num_records(config) -> int:

@@ -21,6 +21,7 @@ from absl import logging
 
 from par_jax import sampling
 from par_jax.core import paths
+from par_jax.data import pipeline
 from par_jax.evaluation import features as features_lib
 from par_jax.evaluation import generate
 from par_jax.utils import images as images_lib
@@ -43,6 +44,7 @@ class SampleGrid:
         self.seed = int(config.sample.seed)
         self.tokenizer_path = str(config.sample.get("tokenizer", "") or config.get("data", {}).get("tokenizer", ""))
         self.tokenizer = None
+        self.codes_dir = pipeline.training_codes_dir(config)
         if not self.tokenizer_path:
             logging.warning("sample grids need a tokenizer to turn codes into images, and config.data.tokenizer is "
                             "empty: no sample grids in this run.")
@@ -56,7 +58,7 @@ class SampleGrid:
             return {}
         if self.tokenizer is None:
             from par_jax import tokenizer as tokenizer_lib  # noqa: PLC0415
-            self.tokenizer = tokenizer_lib.load(self.tokenizer_path)
+            self.tokenizer = tokenizer_lib.load(self.tokenizer_path, codes_dir=self.codes_dir)
         grid = self.picture(model, step)
         if jax.process_index() == 0:
             path = images_lib.save_png(grid_path(workdir, step), grid)

@@ -25,6 +25,7 @@ from absl import logging
 from clu import metric_writers
 
 from par_jax.core import checkpoint, paths
+from par_jax.data import pipeline
 from par_jax.evaluation import features as features_lib
 from par_jax.evaluation import generate, metrics, npz, reference
 from par_jax.evaluation.settings import EvalSettings
@@ -129,7 +130,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         from par_jax.model import checkpoint as model_ckpt  # noqa: PLC0415
 
         model = model_ckpt.load_params(step_dir, item=item)
-        tokenizer = tokenizer_lib.load(tokenizer_path)
+        tokenizer = tokenizer_lib.load(tokenizer_path, codes_dir=pipeline.training_codes_dir(config))
         sample_settings = sampling.SampleSettings.from_config(config.sample)
         labels = generate.make_labels(s.num_samples, model.config.num_classes, s.labels, s.seed)
         out_dir = workdir / "eval" / (s.name or f"step{step}_{network.name}_{len(labels)}")

@@ -17,6 +17,7 @@ import jax
 
 from par_jax import sampling
 from par_jax.core import paths
+from par_jax.data import pipeline
 from par_jax.evaluation import features as features_lib
 from par_jax.evaluation import generate, metrics, reference
 from par_jax.evaluation.settings import EvalSettings
@@ -42,6 +43,7 @@ class GenerationMetrics:
         self.network: features_lib.FeatureNetwork | None = None
         self.reference: features_lib.Features | None = None
         self.tokenizer = None
+        self.codes_dir = pipeline.training_codes_dir(config)
 
     def _setup(self) -> None:
         if self.network is None:
@@ -49,7 +51,7 @@ class GenerationMetrics:
             self.network = features_lib.build(self.settings)
             metrics.check_network(self.settings.metrics, self.network)
             self.reference, _ = reference.features(self.settings, self.network)
-            self.tokenizer = tokenizer_lib.load(self.settings.tokenizer)
+            self.tokenizer = tokenizer_lib.load(self.settings.tokenizer, codes_dir=self.codes_dir)
 
     def __call__(self, model, config=None, *, step: int, workdir=None, writer=None) -> dict[str, float]:
         """`config` and `workdir` are the loop's (settings were read at construction; results go through the loop's

@@ -78,11 +78,12 @@ def token_maps(tokens: np.ndarray, grid_shape, vocab_size: int) -> np.ndarray:
     return np.repeat(maps[..., None], 3, axis=-1)
 
 
-def _load_tokenizer(path: str):
+def _load_tokenizer(path: str, config):
     if not path:
         return None
     from par_jax import tokenizer  # noqa: PLC0415 (only runs that decode images need it)
-    return tokenizer.load(path)
+    from par_jax.data import pipeline  # noqa: PLC0415
+    return tokenizer.load(path, codes_dir=pipeline.training_codes_dir(config))
 
 
 def run(config, workdir: str, *, model=None, tokenizer=None) -> dict:
@@ -115,7 +116,7 @@ def run(config, workdir: str, *, model=None, tokenizer=None) -> dict:
     cfg = model.config
     tok_path = sc.get("tokenizer", "") or config.get("data", {}).get("tokenizer", "")
     if tokenizer is None:
-        tokenizer = _load_tokenizer(tok_path)
+        tokenizer = _load_tokenizer(tok_path, config)
     if tokenizer is not None and len(cfg.grid_shape) != 2:
         raise ValueError(f"a tokenizer decodes image grids; this model generates a {cfg.grid_shape} video grid.")
 

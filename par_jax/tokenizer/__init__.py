@@ -46,13 +46,15 @@ def read_config(path) -> VQConfig:
     return VQConfig.from_dict({k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
 
 
-def load(path, cfg: Optional[VQConfig] = None) -> VQModel:
+def load(path, cfg: Optional[VQConfig] = None, *, codes_dir: str = "") -> VQModel:
     """A trained VQModel from a checkpoint directory (an export or one training step) or a training workdir (its
     latest step).
 
     cfg: None uses the checkpoint's own config; otherwise it must agree with it except in runtime fields
     (dtype, dropout, image_size), e.g. to encode in bfloat16. A mismatch (say a different codebook dimension) is an
     error listing every differing field.
+    codes_dir: the codes a decoder trained on (`par_jax.data.pipeline.training_codes_dir(config)`); when given, the
+    tokenizer must be the one they were extracted with (`check_codes_tokenizer`).
     """
     directory = _checkpoint_dir(epath.Path(path))
     saved = read_config(directory)
@@ -72,7 +74,10 @@ def load(path, cfg: Optional[VQConfig] = None) -> VQModel:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         params = ckptr.restore(directory, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     logging.info("tokenizer loaded from %s", directory)
-    return nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, params)
+    if codes_dir:
+        check_codes_tokenizer(model, codes_dir)
+    return model
 
 
 def fingerprint(model: VQModel) -> str:
