@@ -120,8 +120,19 @@ def generated_section(root: str = PACKAGE) -> str:
     return f"{BEGIN}\n{mermaid(root)}\n{END}"
 
 
-def main(argv: list[str]) -> int:
-    check = "--check" in argv[1:]
+def _define_flags(fv, argv) -> None:
+    from absl import flags  # noqa: PLC0415
+    del argv
+    flags.DEFINE_bool("check", False, "Only check: exit 1 if the docs are stale or an import points upwards.",
+                      flag_values=fv)
+
+
+def main(argv=None) -> None:
+    from par_jax.core import config_args  # noqa: PLC0415
+    sys.exit(_update(config_args.parse_flags(argv, _define_flags, doc=__doc__).check))
+
+
+def _update(check: bool) -> int:
     text = open(DOC, encoding="utf-8").read()
     if BEGIN not in text or END not in text:
         print(f"{DOC} has no generated module-graph section ({BEGIN} ... {END}).", file=sys.stderr)
@@ -140,4 +151,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    from par_jax.core import config_args
+    config_args.run(main)

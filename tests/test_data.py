@@ -394,7 +394,7 @@ def test_damaged_shard_names_file_and_record(tmp_path, monkeypatch):
     with pytest.raises(codes_lib.CorruptRecordError, match=path.name):
         next(iter(loader))
     # The ahead-of-time pass names the file too, and exits non-zero.
-    proc = subprocess.run([sys.executable, "-m", "par_jax.data.codes", f"--verify={tmp_path}"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "par_jax.data.verify", f"--codes_dir={tmp_path}"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and path.name in proc.stderr, proc.stderr[-2000:]
 

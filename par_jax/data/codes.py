@@ -291,7 +291,7 @@ class CodesSource:
 
 # Reading this much at start takes seconds: smaller codes directories are checked whole before training starts
 # (a damaged record then stops the run before its first step, not hours in); larger ones are checked as they are read,
-# or ahead of time with `python -m par_jax.data.codes --verify=DIR`.
+# or ahead of time with `python -m par_jax.data.verify --codes_dir=DIR`.
 VERIFY_AT_START_BYTES = 1 << 30
 
 
@@ -311,16 +311,6 @@ def verify_codes(directory: str) -> CodesMetadata:
     source = CodesSource(directory)
     verify_source(source)
     return source.metadata
-
-
-def main(argv) -> None:
-    """`python -m par_jax.data.codes --verify=DIR`: read and check every record of a codes directory."""
-    from absl import app, flags, logging  # noqa: PLC0415
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --verify=DIR")
-    meta = verify_codes(flags.FLAGS.verify)
-    logging.info("%s: all %d records intact (%d views of %dx%d codes, vocabulary %d)", flags.FLAGS.verify,
-                 meta.count, meta.num_views, *meta.grid_shape, meta.vocab_size)
 
 
 class SyntheticCodes:
@@ -366,9 +356,3 @@ class SyntheticCodes:
         m = self.metadata
         return (f"SyntheticCodes(count={m.count}, grid={m.grid_shape}, views={m.num_views}, vocab={m.vocab_size}, "
                 f"classes={m.num_classes}, noise={self._noise}, seed={self._seed})")
-
-
-if __name__ == "__main__":
-    from absl import app, flags  # noqa: PLC0415
-    flags.DEFINE_string("verify", None, "A codes directory to read and check record by record.", required=True)
-    app.run(main)

@@ -123,7 +123,7 @@ def make_train_loader(config, *, global_batch_size: int, process_index: int | No
         if codes_lib.shard_bytes(source) <= codes_lib.VERIFY_AT_START_BYTES:
             codes_lib.verify_source(source)  # a damaged record stops the run now, not when first read
         else:
-            logging.info("codes in %s are too large to verify at start; `python -m par_jax.data.codes --verify=%s` "
+            logging.info("codes in %s are too large to verify at start; `python -m par_jax.data.verify --codes_dir=%s` "
                          "reads and checks every record ahead of a run", source.directory, source.directory)
     if len(source) < process_count:
         raise ValueError(f"{len(source)} records cannot be split over {process_count} processes.")

@@ -223,17 +223,24 @@ def load_or_train(directory, settings: TrainSettings = TrainSettings()) -> tuple
     return model, metadata
 
 
-def main(argv=None) -> None:
-    import argparse  # noqa: PLC0415
+def _define_flags(fv, argv) -> None:
+    from absl import flags  # noqa: PLC0415
+    del argv
+    flags.DEFINE_string("out", "workdirs/fmnist_classifier", "Where the classifier is (or is saved once trained).",
+                        flag_values=fv)
+    flags.DEFINE_integer("steps", TrainSettings.steps, "Training steps when it has to be trained.", flag_values=fv)
 
-    parser = argparse.ArgumentParser(description="Train (or load) the Fashion-MNIST evaluation classifier.")
-    parser.add_argument("--out", default="workdirs/fmnist_classifier")
-    parser.add_argument("--steps", type=int, default=TrainSettings.steps)
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> None:
+    """`python -m par_jax.evaluation.classifier [--out=DIR] [--steps=N]`: train (or load) the Fashion-MNIST
+    evaluation classifier and print its record."""
+    from par_jax.core import config_args  # noqa: PLC0415
+    f = config_args.parse_flags(argv, _define_flags, doc=main.__doc__)
     logging.set_verbosity(logging.INFO)
-    _, metadata = load_or_train(args.out, TrainSettings(steps=args.steps))
+    _, metadata = load_or_train(f.out, TrainSettings(steps=f.steps))
     print(json.dumps({k: v for k, v in metadata.items() if k != "history"}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    from par_jax.core import config_args
+    config_args.run(main)
