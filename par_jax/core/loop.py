@@ -30,6 +30,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from par_jax.core import checkpoint as ckpt_lib
+from par_jax.core import config_args
 from par_jax.core import workdir as workdir_lib
 
 
@@ -37,7 +38,7 @@ class NonFiniteError(FloatingPointError):
     """A health metric (loss, a norm) became NaN or infinite; the run stopped without saving that state."""
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(config_args.UsageError):
     """The workdir's checkpoints hold a model of another shape than the one configured."""
 
 

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
+from par_jax.core.config_args import UsageError
 from par_jax.data import codes as codes_lib
 
 SOURCES = ("codes", "synthetic")
@@ -35,10 +36,10 @@ def make_codes_source(config, codes_dir: str | None = None):
                                         vocab_size=model.vocab_size, num_classes=model.num_classes,
                                         num_views=data.synthetic_views, noise=data.synthetic_noise, seed=data.seed)
     if data.source != "codes":
-        raise ValueError(f"unknown config.data.source {data.source!r}; choose one of {SOURCES}.")
+        raise UsageError(f"unknown config.data.source {data.source!r}; choose one of {SOURCES}.")
     codes_dir = codes_dir or data.codes_dir
     if not codes_dir:
-        raise ValueError("config.data.source='codes' needs --config.data.codes_dir=DIR (written by "
+        raise UsageError("config.data.source='codes' needs --config.data.codes_dir=DIR (written by "
                          "--job=extract_codes), or use --config.data.source=synthetic for a smoke run.")
     source = codes_lib.CodesSource(codes_dir)
     check_compatible(source.metadata, config, codes_dir)
@@ -72,7 +73,7 @@ def check_compatible(meta: codes_lib.CodesMetadata, config, where: str) -> None:
         problems.append(f"the codes have {meta.num_classes} classes but config.model.num_classes is "
                         f"{model.num_classes}")
     if problems:
-        raise ValueError(f"codes in {where} do not fit the model: " + "; ".join(problems) + ".")
+        raise UsageError(f"codes in {where} do not fit the model: " + "; ".join(problems) + ".")
 
 
 def read_records(source, keys) -> list[dict[str, np.ndarray]]:
@@ -128,7 +129,7 @@ def make_train_loader(config, *, global_batch_size: int, process_index: int | No
     if len(source) < process_count:
         raise ValueError(f"{len(source)} records cannot be split over {process_count} processes.")
     if not 0 <= data.seed < 2**32:
-        raise ValueError(f"config.data.seed must be in [0, 2**32), got {data.seed}.")
+        raise UsageError(f"config.data.seed must be in [0, 2**32), got {data.seed}.")
     # Equal shares (the remainder is dropped) keep the processes' epochs in step; striding gives every process a
     # share of every class even when the records are sorted by class.
     keys = grain.MapDataset.range(len(source) // process_count * process_count)[process_index::process_count]

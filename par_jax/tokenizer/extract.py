@@ -14,6 +14,7 @@ from absl import logging
 from etils import epath
 
 from par_jax import tokenizer as tokenizer_lib
+from par_jax.core.config_args import UsageError
 from par_jax.data import codes, extract, sources
 
 
@@ -21,7 +22,7 @@ def run(config, workdir: str) -> codes.CodesMetadata | None:
     """The extract_codes job: `config.data` names the image source, views, tokenizer and output directory."""
     data = config.data
     if not data.tokenizer:
-        raise ValueError("extract_codes needs --config.data.tokenizer=PATH, a trained tokenizer (train one with "
+        raise UsageError("extract_codes needs --config.data.tokenizer=PATH, a trained tokenizer (train one with "
                          "--job=train_tokenizer).")
     out_dir = data.codes_dir or os.fspath(epath.Path(workdir) / "codes")
     source = sources.make_image_source(
@@ -32,11 +33,10 @@ def run(config, workdir: str) -> codes.CodesMetadata | None:
     logging.info("extract_codes: %s (%d images, %d classes) -> %s with tokenizer %s", source.name, len(source),
                  source.num_classes, out_dir, data.tokenizer)
     if source.num_classes > config.model.num_classes:
-        raise ValueError(f"{source.name} has {source.num_classes} classes but config.model.num_classes is "
+        raise UsageError(f"{source.name} has {source.num_classes} classes but config.model.num_classes is "
                          f"{config.model.num_classes}.")
     return extract.extract_codes(encoder, source, out_dir, image_size=data.image_size, views=data.views,
-                         crop_ratio=data.crop_ratio, flip_views=data.flip_views,
-                         batch_size=data.extract_batch_size, records_per_shard=data.records_per_shard,
-                         tokenizer_id=data.tokenizer,
-                                 tokenizer_fingerprint=tokenizer_lib.fingerprint(encoder), expected_grid_shape=config.model.grid_shape,
-                         workers=data.extract_workers)
+                                 crop_ratio=data.crop_ratio, flip_views=data.flip_views,
+                                 batch_size=data.extract_batch_size, records_per_shard=data.records_per_shard,
+                                 tokenizer_id=data.tokenizer, tokenizer_fingerprint=tokenizer_lib.fingerprint(encoder),
+                                 expected_grid_shape=config.model.grid_shape, workers=data.extract_workers)

@@ -43,6 +43,7 @@ from par_jax import tokenizer as tokenizer_lib
 from par_jax.core import checkpoint as ckpt_lib
 from par_jax.core import loop
 from par_jax.core import mesh as mesh_lib
+from par_jax.core.config_args import UsageError
 from par_jax.core import optim
 from par_jax.core import sharding as sharding_lib
 from par_jax.utils import images as images_lib
@@ -183,15 +184,15 @@ def eval_step(params, images, valid, *, vq_def, cfg, crop: int):
 def _check_config(config, cfg: vq.VQConfig):
     d, t = config.data, config.train
     if d.image_size % cfg.downsample:
-        raise ValueError(f"data.image_size={d.image_size} is not a multiple of the tokenizer's downsampling "
+        raise UsageError(f"data.image_size={d.image_size} is not a multiple of the tokenizer's downsampling "
                          f"factor {cfg.downsample}.")
     if d.image_size != cfg.image_size:
         logging.warning("data.image_size=%d differs from tokenizer.image_size=%d; training at %d.", d.image_size,
                         cfg.image_size, d.image_size)
     if t.num_steps < 1 or t.batch_size < 1 or t.log_every < 1:
-        raise ValueError("train.num_steps, train.batch_size and train.log_every must be positive.")
+        raise UsageError("train.num_steps, train.batch_size and train.log_every must be positive.")
     if config.loss.disc_weight > 0 and config.loss.disc_start < 0:
-        raise ValueError("loss.disc_start must be >= 0.")
+        raise UsageError("loss.disc_start must be >= 0.")
 
 
 def reconstruction_grid(originals, reconstructions, pairs_per_row: int = 8, min_side: int = 96) -> np.ndarray:
@@ -270,7 +271,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     batch_sharding = sharding_lib.batch_sharding(mesh, sharding_lib.rules_from_config(None), ndim=4)
     shards = mesh_lib.num_batch_shards(mesh)
     if t.batch_size % shards or t.batch_size % jax.process_count() or config.eval.batch_size % shards:
-        raise ValueError(f"train.batch_size={t.batch_size} and eval.batch_size={config.eval.batch_size} must be "
+        raise UsageError(f"train.batch_size={t.batch_size} and eval.batch_size={config.eval.batch_size} must be "
                          f"multiples of the {shards} batch shards and of the {jax.process_count()} processes.")
 
     # Losses that need files are checked before any work.

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from par_jax.core import checkpoint, loop, optim, sharding
 from par_jax.core import mesh as mesh_lib
+from par_jax.core.config_args import UsageError
 from par_jax.data import pipeline
 from par_jax.model import ModelConfig, ParTransformer, from_config_dict
 from par_jax.model import checkpoint as model_ckpt
@@ -140,7 +141,7 @@ def make_trainer(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, sch
     tx = optim.make_optimizer(config.optimizer, schedule, specs)
     ema_decay = float(config.optimizer.ema_decay)
     if not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"optimizer.ema_decay must be in [0, 1) (0 = no EMA), got {ema_decay}.")
+        raise UsageError(f"optimizer.ema_decay must be in [0, 1) (0 = no EMA), got {ema_decay}.")
     seed = int(config.seed)
 
     def init() -> dict:
@@ -199,7 +200,7 @@ def run_length(config: ml_collections.ConfigDict, num_examples: Callable[[], int
         steps_per_epoch = num_examples() / tc.batch_size
         total = int(math.ceil(tc.num_epochs * steps_per_epoch))
         if total < 1:
-            raise ValueError(f"train.num_epochs={tc.num_epochs} gives no steps; set train.num_steps or num_epochs.")
+            raise UsageError(f"train.num_epochs={tc.num_epochs} gives no steps; set train.num_steps or num_epochs.")
     if oc.warmup_steps < 0 and steps_per_epoch is None:
         steps_per_epoch = num_examples() / tc.batch_size
     return total, optim.warmup_steps(oc, steps_per_epoch or 0.0)
@@ -210,17 +211,17 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     tc = config.train
     shards, k = mesh_lib.num_batch_shards(mesh), int(tc.grad_accum_steps)
     if k < 1:
-        raise ValueError(f"train.grad_accum_steps must be >= 1, got {k}.")
+        raise UsageError(f"train.grad_accum_steps must be >= 1, got {k}.")
     if tc.batch_size % (shards * k):
-        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by grad_accum_steps ({k}) x the "
+        raise UsageError(f"train.batch_size={tc.batch_size} must be divisible by grad_accum_steps ({k}) x the "
                          f"batch shards of the mesh (data x fsdp = {shards}).")
     if tc.batch_size % jax.process_count():
-        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the {jax.process_count()} processes.")
+        raise UsageError(f"train.batch_size={tc.batch_size} must be divisible by the {jax.process_count()} processes.")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if tc[key] < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {tc[key]}.")
+            raise UsageError(f"train.{key} must be >= 1, got {tc[key]}.")
     if tc.sample_every_steps < 0:
-        raise ValueError("train.sample_every_steps must be >= 0 (0 = no sample grids).")
+        raise UsageError("train.sample_every_steps must be >= 0 (0 = no sample grids).")
 
 
 # ----- health metrics, progress and the non-finite check -----
