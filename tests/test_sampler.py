@@ -18,7 +18,7 @@ from flax import nnx
 
 from par_jax import ordering
 from par_jax.model import ParTransformer, model_config
-from par_jax.sampling import SampleSettings, Sampler, sample
+from par_jax.sampling import SampleSettings, Sampler, backend, sample
 from par_jax.sampling.sampler import step_widths
 
 ATOL = 1e-4
@@ -94,6 +94,22 @@ def test_bfloat16_decoding_tracks_the_float32_forward(n):
     tokens_out = np.asarray(Sampler(model, SampleSettings(guidance=1.5), BATCH)(LABELS, 0))
     assert tokens_out.shape == (BATCH, model.config.num_tokens)
     assert tokens_out.min() >= 0 and tokens_out.max() < VOCAB
+
+
+def test_accelerator_choices_decode_like_the_forward(monkeypatch):
+    # What a GPU or TPU runs (whole matrices, a (B, S, heads, head_dim) cache, XLA's attention), here on the CPU.
+    monkeypatch.setattr(backend, "_platform", lambda: "gpu")
+    model = tiny_model(4, (8, 8))
+    cfg = model.config
+    sampler = Sampler(model, SampleSettings(guidance=1.5), BATCH, teacher_forced=True)
+    assert sampler.describe() | {"attention_why": ""} == {
+        "batch": BATCH, "cache_chunks": 4, "attention": "xla", "attention_why": "", "block_cols": 0,
+        "kv_cache": "(B, S, heads, head_dim)"}
+    tokens = random_tokens(cfg)
+    cond = forward_logits(model, tokens, LABELS)
+    uncond = forward_logits(model, tokens, np.full_like(LABELS, cfg.null_class))
+    np.testing.assert_allclose(np.asarray(sampler.score(tokens, LABELS)), uncond + 1.5 * (cond - uncond), atol=ATOL,
+                               rtol=0)
 
 
 @pytest.mark.parametrize("overrides", [dict(order_kind="raster_multi"), dict(sequential_prefix=False),

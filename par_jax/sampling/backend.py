@@ -34,10 +34,14 @@ CPU_BLOCK_COLS = 256                # fastest of 128/256/512/1024 on XLA:CPU
 _KERNEL_MISSING = "it is unavailable: "
 
 
+def _platform() -> str:
+    return jax.default_backend()  # one seam: tests run the accelerator choices on the CPU
+
+
 def _cpu_kernel_unavailable(dtype, num_devices: int) -> str | None:
     """Why attention="cpu_kernel" cannot run here, or None. The build is tried last (only where it would be used)."""
-    if jax.default_backend() != "cpu":
-        return f"it runs on the CPU backend only (this is {jax.default_backend()})"
+    if _platform() != "cpu":
+        return f"it runs on the CPU backend only (this is {_platform()})"
     if jnp.dtype(dtype) != jnp.float32:
         return f"it takes float32 models, this one computes in {jnp.dtype(dtype)}"
     if num_devices != 1:
@@ -62,7 +66,7 @@ def default_block_cols() -> int:
     Also for 2-row steps (n=1, batch 1, guided), although the weight matmuls alone run faster on whole matrices
     there: the whole sampler was 4-10% slower with them (paired runs, docs/benchmarks.md).
     """
-    return CPU_BLOCK_COLS if jax.default_backend() == "cpu" else 0
+    return CPU_BLOCK_COLS if _platform() == "cpu" else 0
 
 
 @functools.cache
@@ -103,7 +107,7 @@ class Backend:
             check_attention(attention, dtype, num_devices)
             why = "asked for"
         return cls(attention=attention, block_cols=default_block_cols() if block_cols is None else int(block_cols),
-                   seq_last=jax.default_backend() == "cpu", attention_why=why)
+                   seq_last=_platform() == "cpu", attention_why=why)
 
     def describe(self) -> dict:
         """What the sampler runs, for logs and benchmark records."""
