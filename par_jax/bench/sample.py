@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import time
 import types
@@ -286,8 +287,9 @@ def main(argv=None):
 
     def write_json():
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "args": {k: (list(v) if isinstance(v, tuple) else v)
-                                                 for k, v in vars(args).items()}, "results": rows}, f, indent=2)
+            recorded = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+            recorded["json"] = os.path.basename(args.json)  # the file names itself, not this machine's folders
+            json.dump({"machine": info, "args": recorded, "results": rows}, f, indent=2)
 
     for n in (int(x) for x in args.n.split(",")):
         rows.append(bench_one(args, n, bandwidth))
