@@ -53,6 +53,23 @@ def _sigterm_during_start_up(signum, frame) -> None:
     sys.exit(128 + signum)
 
 
+def _orphaned_storage_callback(error: BaseException) -> bool:
+    """After a failed asynchronous save, the storage layer's callbacks (tensorstore, from its own threads) still try
+    to reach orbax's closed event loop and print an `Event loop is closed` traceback each, dozens of them, burying the
+    one message the run gives about the failure. Only those are dropped (`sys.excepthook`, `sys.unraisablehook`)."""
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _excepthook(kind, value, tb) -> None:
+    if not _orphaned_storage_callback(value):
+        sys.__excepthook__(kind, value, tb)
+
+
+def _unraisablehook(unraisable) -> None:
+    if not _orphaned_storage_callback(unraisable.exc_value):
+        sys.__unraisablehook__(unraisable)
+
+
 def main(argv=None) -> None:
     f = config_args.parse_flags(argv, define_flags, doc=__doc__)
     config = f.config
@@ -61,6 +78,7 @@ def main(argv=None) -> None:
         raise config_args.UsageError(f"unknown job {job!r} (config.job); known jobs: {', '.join(sorted(JOBS))}.")
     # Before the heavy imports and jax.distributed (whose preemption service then owns the signal on pods).
     signal.signal(signal.SIGTERM, _sigterm_during_start_up)
+    sys.excepthook, sys.unraisablehook = _excepthook, _unraisablehook
     # After flags, before any device use (multi-host JAX starts here).
     from par_jax.core import checkpoint, distributed, loop  # noqa: PLC0415
     distributed.initialize()
