@@ -29,7 +29,7 @@ def test_sample_bench_writes_rows_with_floors(tmp_path, capsys):
         ratios = sorted(t / f for t, f in zip(r["s_per_batch_runs"], r["matmul_floor_runs"]))
         assert r["vs_matmul_floor"] == ratios[1]  # median of the per-round ratios
         assert r["vs_matmul_floor_of_medians"] == r["s_per_batch"] / r["matmul_floor_s"]
-        assert r["weight_bytes_per_step"] > 0 and "torch_release_s_per_image" not in r  # only for B at 24x24
+        assert r["weight_bytes_per_step"] > 0 and "torch_release_s_per_image_quoted" not in r  # only for B at 24x24
         assert r["attention"] == "cpu_kernel"  # float32 on one CPU device
         assert r["weights_GBps"] == r["weight_bytes_per_step"] * r["steps"] / r["s_per_batch"] / 1e9
         assert "vs_device_bandwidth" not in r  # a CPU has no vendor figure
