@@ -211,7 +211,7 @@ def _print_summary(root: epath.Path, results: dict, total: float) -> None:
         f"  tokenizer checkpoint     {root / 'tokenizer'}",
         f"  training codes           {root / 'codes'}",
         f"  PAR checkpoints, curves  {root / 'par'}   (tensorboard --logdir {root})",
-        f"  sample grid (row/class)  {results['samples']['png']}",
+        f"  sample grid (row/class)  {root / results['samples']['png']}",
         f"  loss curve               {results['report'].get('loss_png', '-')}",
         f"  metrics                  {root / 'eval'}   "
         + ", ".join(f"{k}={ev[k]:.4g}" for k in ("fid", "inception_score", "precision", "recall",
