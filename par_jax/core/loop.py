@@ -122,7 +122,7 @@ class Run:
                 raise IncompatibleCheckpointError(
                     f"the checkpoints in {self.checkpointer.directory} (step {step}) hold another model than the "
                     f"configured one:\n  " + "\n  ".join(diffs) + "\nUse a new --workdir for the new model, or "
-                    f"set the model fields back to the checkpoint's values to resume.")
+                    "set the model fields back to the checkpoint's values to resume.")
 
         step, state = self.checkpointer.restore_latest_intact(abstract_state, data_iter, check=check)
         if step is None:

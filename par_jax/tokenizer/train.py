@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from typing import Any
 

@@ -27,7 +27,7 @@ import importlib.util
 import math
 import os
 import re
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
