@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("utils", "ordering"),                    # image and rng helpers; token orders, layout, mask (NumPy data)
     ("model", "data"),                        # the decoder; images, views and the codes format
     ("tokenizer",),                           # the VQ tokenizer, its training, the extract_codes job
-    ("conversion", "training", "sampling"),   # PyTorch weights; the decoder's trainer; the sampler and sample job
+    ("conversion", "training", "sampling", "analysis"),  # PyTorch weights; the trainer; the sampler; token analyses
     ("evaluation",),                          # metrics, feature networks, the evaluate job, training plug-ins
     ("bench", "demo", "convert", "main", "visualize", "architecture"),  # entry points
 )
