@@ -72,6 +72,8 @@ def bench_size(config, batch: int, args, probe: flops.MatmulProbe | None) -> dic
         "tokens_per_s": tokens / step_s, "model_flops_per_step": model_flops,
         "achieved_flops_per_s": model_flops / step_s, "matmul_flops_per_s_runs": matmul,
         "temp_bytes": getattr(memory, "temp_size_in_bytes", None), "loss": float(metrics["loss"]),
+        "program_memory": {k: getattr(memory, f"{k}_size_in_bytes", None) for k in ("argument", "output", "temp",
+                                                                                    "alias")},
     }
 
 
