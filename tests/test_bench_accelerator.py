@@ -90,3 +90,18 @@ def test_logits_compare_bfloat16_with_float32_on_the_same_weights():
     # Same weights: bfloat16 rounding only, far below the logits' spread (other weights would differ by about it).
     assert r["max_abs_diff"] < 0.1 * r["float32_logits_std"]
     assert r["kl_max"] >= r["kl_mean"] >= 0 and 0.9 <= r["top1_agreement"] <= 1
+
+
+def test_rows_over_the_device_memory_are_skipped_and_failures_recorded(tmp_path, monkeypatch):
+    # A device with 1 MiB: every sampler row is skipped for memory, and the train step, whose batch search finds no
+    # batch that fits, is recorded as failed while the run goes on and writes its files.
+    monkeypatch.setattr(accelerator, "device_memory", lambda: {"bytes_limit": 2**20, "peak_bytes_in_use": 2**19})
+    monkeypatch.setattr(accelerator, "TRAIN_DEVICE_BATCHES", (2, 1))  # fewer estimates to make
+    out = tmp_path / "acc"
+    accelerator.main(["acc", f"--out={out}", "--tiny", "--sizes=XL", "--n=4", "--batches=1", "--parts=sample,train"])
+    result = json.loads((out / "accelerator.json").read_text())
+    assert [s["job"] for s in result["skipped"]] == ["sample XL n=4 batch 1"]
+    assert "of the device's" in result["skipped"][0]["reason"]
+    (failed,) = result["failed"]
+    assert failed["job"] == "train XL" and "MemoryError" in failed["error"]
+    assert result["memory"]["peak_bytes"] == 2**19 and "memory_stats" in result["memory"]["source"]
