@@ -11,7 +11,8 @@ What it measures, in bfloat16 (PAR_SPEC sections 6 and 7; models from par_jax.mo
             batch (median of --runs calls after a warm-up call), seconds per image, images/s, ms per step; the
             weight bytes read per second against the card's vendor bandwidth (bench.common.table_bandwidth; its
             "bandwidth floor" is steps x weight bytes per step / bandwidth, the floor of a batch-1 call), and the
-            speed-up over n = 1 against the step ratio (rows of the same size and batch, from this run).
+            speed-up over n = 1 against the step ratio (rows of the same size and batch, from this run; a ratio of
+            medians of rows run one after the other, not in interleaved rounds: each row's runs are in the JSON).
   train     the real train step of PAR-XL-4x at 384 px (bench.train.bench_size): its MFU against the vendor
             bfloat16 peak (training.flops), at the largest per-device batch of 64, 32, ... whose memory
             training.memory.estimate puts under 85% of the device's memory (the row says so).
