@@ -62,6 +62,9 @@ def get_config(arg: str = ""):
         size=a.size, n=a.n, grid_shape=(tokens_per_side, tokens_per_side),
         vocab_size=16384, num_classes=1000, dtype="bfloat16", scan_layers=True, remat="none",
         attn_dropout=0.1,  # the paper; the release uses 0.0
+        # training attention kernel: auto | xla | dot_product | splash (par_jax/model/attention.py). auto: splash on
+        # TPU, dot_product (cuDNN) on GPU, xla on the CPU, and xla whenever attn_dropout > 0 (the paper recipe).
+        attention="auto",
     ))
 
     # --- data (par_jax.data): the training codes, and the extract_codes job that writes them (PAR_SPEC 10) ---

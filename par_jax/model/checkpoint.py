@@ -19,7 +19,7 @@ from par_jax.model.transformer import ParTransformer
 
 # Fields that change only how the model runs, not what its parameters mean: a checkpoint loads under any value.
 RUNTIME_FIELDS = frozenset({"dtype", "remat", "embed_dropout", "resid_dropout", "mlp_dropout", "attn_dropout",
-                            "class_dropout", "init_std"})
+                            "class_dropout", "init_std", "attention"})
 
 
 def config_from_json(d: dict) -> ModelConfig:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from par_jax import ordering
+from par_jax.model import attention as attention_lib
 
 # layers, heads, dim. Head dim = dim / heads; MLP hidden derived from dim (see `mlp_hidden`).
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -48,6 +49,9 @@ class ModelConfig:
     resid_dropout: float = 0.1          # after the attention output projection
     mlp_dropout: float = 0.1            # after the MLP
     attn_dropout: float = 0.0           # attention probabilities: 0 in the release, 0.1 in the paper
+    # Training attention (par_jax/model/attention.py): "auto" (splash on TPU, dot_product on GPU, xla on the CPU;
+    # xla when attn_dropout > 0) | "xla" (the reference) | "dot_product" | "splash". Cached sampling is not affected.
+    attention: str = "auto"
     class_dropout: float = 0.1          # label -> null class (also sizes the class table: num_classes + 1 rows)
     init_std: float = 0.02
     dtype: str = "bfloat16"             # compute dtype; parameters are always float32
@@ -65,6 +69,7 @@ class ModelConfig:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {REMAT_POLICIES}.")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"unknown compute dtype {self.dtype!r}; use float32, bfloat16 or float16.")
+        attention_lib.check(self.attention, self.attn_dropout)
         if self.vocab_size < 1 or self.num_classes < 1:
             raise ValueError("vocab_size and num_classes must be positive.")
         self.order  # validates grid and n

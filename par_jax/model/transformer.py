@@ -8,7 +8,9 @@ One definition serves training and sampling: the training forward (`__call__`: r
 raster-order logits out) and the cached call (`step`, as Flax gemma's `Attention(x, pos, cache, mask)`: a few
 sequence positions over per-layer `KVCache`s) run the same layers. How a machine runs the cached call is an option of
 it, not a second copy of the math: matrices prepared as `ColumnBlocks`, the cache's layout and an attention kernel
-(par_jax/sampling/backend.py chooses them).
+(par_jax/sampling/backend.py chooses them). The training forward's attention kernel is likewise an option
+(`ModelConfig.attention`: XLA's einsums, cuDNN through jax.nn.dot_product_attention, or Pallas splash on TPU;
+par_jax/model/attention.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from par_jax import ordering
+from par_jax.model import attention as attention_lib
 from par_jax.model import rope as rope_lib
+from par_jax.model.attention import attend
 from par_jax.model.config import ModelConfig
 from par_jax.utils import rng as rng_lib
 
@@ -37,18 +41,22 @@ def _param(rngs: nnx.Rngs, init, shape, names, fan_in_axes: int = 0) -> nnx.Para
     return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names, eager_sharding=False, **meta)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["blocks"], meta_fields=["out_shape"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["blocks"], meta_fields=["out_shape", "kernel"])
 @dataclasses.dataclass(frozen=True)
 class ColumnBlocks:
     """A matrix parameter prepared for many calls: flat (fan_in, fan_out), in the compute dtype, split by columns
-    (why: sampling/backend.py). `dense` multiplies by it as by the parameter."""
+    (why: sampling/backend.py), or packed once for a matmul kernel (`kernel.pack`, then `kernel.matmul` at every
+    call; sampling/cpu_matmul.py). `dense` multiplies by it as by the parameter."""
     blocks: tuple
     out_shape: tuple
+    kernel: Any = None
 
     @classmethod
-    def of(cls, w, fan_in_axes: int, dtype, block_cols: int) -> "ColumnBlocks":
+    def of(cls, w, fan_in_axes: int, dtype, block_cols: int, kernel=None) -> "ColumnBlocks":
         out_shape = tuple(w.shape[fan_in_axes:])
         w = w.reshape(math.prod(w.shape[:fan_in_axes]), -1).astype(dtype)
+        if kernel is not None:
+            return cls((kernel.pack(w),), out_shape, kernel)
         parts = -(-w.shape[1] // block_cols) if block_cols else 1
         return cls(tuple(jnp.array_split(w, parts, axis=1)) if parts > 1 else (w,), out_shape)
 
@@ -56,15 +64,18 @@ class ColumnBlocks:
 def dense(x, w: nnx.Variable, dtype):
     """x times a matrix parameter (x's last axes against its `fan_in_axes` first ones), in `dtype`.
 
-    The parameter may hold its ColumnBlocks instead (sampling): the same product, blockwise.
+    The parameter may hold its ColumnBlocks instead (sampling): the same product, blockwise or by its kernel.
     """
     value, fan_in_axes = w.get_value(), w.get_metadata()["fan_in_axes"]
     if not isinstance(value, ColumnBlocks):
         return jnp.tensordot(x.astype(dtype), value.astype(dtype), fan_in_axes)
     lead = x.shape[:x.ndim - fan_in_axes]
     x = x.astype(dtype).reshape(math.prod(lead), -1)
-    outs = [x @ b for b in value.blocks]
-    y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
+    if value.kernel is not None:
+        y = value.kernel.matmul(x, value.blocks[0], math.prod(value.out_shape))
+    else:
+        outs = [x @ b for b in value.blocks]
+        y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
     return y.reshape(*lead, *value.out_shape)
 
 
@@ -77,20 +88,6 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (y * self.weight[...]).astype(x.dtype)
-
-
-def attend(q, k, v, mask, *, seq_last: bool = False, dropout: float = 0.0, rng=None):
-    """softmax(q k^T / sqrt(head_dim), masked) v with float32 scores; probabilities in q's dtype.
-
-    q (B, Q, heads, head_dim); k, v (B, S, heads, head_dim), or (B, heads, head_dim, S) with seq_last; mask (Q, S) bool.
-    Returns (B, Q, heads, head_dim).
-    """
-    kv = "bhks" if seq_last else "bshk"
-    scores = jnp.einsum(f"bqhk,{kv}->bhqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(q.shape[-1]))
-    scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = rng_lib.dropout(jax.nn.softmax(scores, axis=-1), dropout, rng).astype(q.dtype)
-    return jnp.einsum(f"bhqs,{kv}->bqhk", probs, v.astype(q.dtype))
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=["seq_last", "kernel"])
@@ -137,17 +134,20 @@ class Attention(nnx.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.dtype = jnp.dtype(cfg.dtype)
         self.attn_dropout, self.resid_dropout = cfg.attn_dropout, cfg.resid_dropout
+        self.attention_impl = cfg.attention  # training attention's kernel (attention.py); not the cached path's
         # One fused projection, (dim) -> (q|k|v, heads, head_dim): the release's row order, kept shardable by head.
         self.wqkv = _param(rngs, init, (cfg.dim, 3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "head_dim"),
                            fan_in_axes=1)
         self.wo = _param(rngs, init, (cfg.num_heads, cfg.head_dim, cfg.dim), ("heads", "head_dim", "embed"),
                          fan_in_axes=2)
 
-    def __call__(self, x, cos, sin, mask, *, rng=None, cache: Optional[KVCache] = None, index=None):
+    def __call__(self, x, cos, sin, mask, *, rng=None, cache: Optional[KVCache] = None, index=None,
+                 batch_sharding: Optional[jax.sharding.NamedSharding] = None):
         """x (B, Q, dim); cos/sin (Q, head_dim/2); mask (Q, S) bool. Returns (out (B, Q, dim), cache).
 
-        Without a cache the Q positions attend among themselves (S = Q); with one, their keys and values are written
-        into it at sequence position `index` and they attend over its S positions.
+        Without a cache the Q positions attend among themselves (S = Q) through `attention.attention` with the
+        configured kernel (which needs the mask as NumPy data unless it is "xla"); with one, their keys and values are
+        written into it at sequence position `index` and they attend over its S positions.
         """
         dt = self.dtype
         qkv = dense(x, self.wqkv, dt)                                  # (B, Q, q|k|v, heads, head_dim)
@@ -156,7 +156,8 @@ class Attention(nnx.Module):
         v = qkv[:, :, 2]
         r_attn, r_resid = rng_lib.split(rng, 2)
         if cache is None:
-            out = attend(q, k, v, mask, dropout=self.attn_dropout, rng=r_attn)
+            out = attention_lib.attention(q, k, v, mask, impl=self.attention_impl, dropout=self.attn_dropout,
+                                          rng=r_attn, batch_sharding=batch_sharding)
         else:
             cache = cache.write(k, v, index)
             out = cache.attend(q, mask)
@@ -189,10 +190,12 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, rngs=rngs)
         self.feed_forward = FeedForward(cfg, rngs=rngs)
 
-    def __call__(self, h, cos, sin, mask, *, rng=None, cache: Optional[KVCache] = None, index=None):
+    def __call__(self, h, cos, sin, mask, *, rng=None, cache: Optional[KVCache] = None, index=None,
+                 batch_sharding: Optional[jax.sharding.NamedSharding] = None):
         """Returns (h, cache); see Attention."""
         r_attn, r_mlp = rng_lib.split(rng, 2)
-        out, cache = self.attention(self.attention_norm(h), cos, sin, mask, rng=r_attn, cache=cache, index=index)
+        out, cache = self.attention(self.attention_norm(h), cos, sin, mask, rng=r_attn, cache=cache, index=index,
+                                    batch_sharding=batch_sharding)
         h = h + out
         return h + self.feed_forward(self.ffn_norm(h), rng=r_mlp), cache
 
@@ -263,7 +266,8 @@ class ParTransformer(nnx.Module):
                 # 2.2 TB of temporaries per device instead of ~90 GB).
                 spec = P(batch_sharding.spec[0], *([None] * (h.ndim - 1)))
                 h = jax.lax.with_sharding_constraint(h, jax.sharding.NamedSharding(batch_sharding.mesh, spec))
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, rng=r, cache=c, index=index)
+            return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, rng=r, cache=c, index=index,
+                                                    batch_sharding=batch_sharding)
 
         if cfg.remat != "none":
             run_block = jax.checkpoint(run_block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers,
@@ -313,7 +317,8 @@ class ParTransformer(nnx.Module):
         h = self.embed(layout.input_kind, layout.input_index, seq_tokens, labels)
         h = rng_lib.dropout(h, cfg.embed_dropout, r_emb)
         cos, sin = self.rope()
-        h, _ = self.transform(h, jnp.asarray(cos), jnp.asarray(sin), jnp.asarray(_mask(cfg.order)), rng=r_layers,
+        # The mask stays NumPy data: the fused attention kernels are built from it (attention.py).
+        h, _ = self.transform(h, jnp.asarray(cos), jnp.asarray(sin), _mask(cfg.order), rng=r_layers,
                               batch_sharding=batch_sharding)
         logits_gen = self.head(h[:, : cfg.num_tokens])                 # position p predicts t_p
         logp = jax.nn.log_softmax(logits_gen, axis=-1)
