@@ -25,7 +25,7 @@ import numpy as np
 # What sits at each sequence position.
 CLS, TOKEN, TRANSITION = 0, 1, 2
 
-ORDER_KINDS = ("region", "raster_multi")
+ORDER_KINDS = ("region", "raster_multi", "region_sequential")
 INTRA_GROUP = ("full", "causal")
 
 
@@ -97,7 +97,10 @@ def num_steps(grid_shape, n: int, sequential_prefix: bool = True) -> int:
 class OrderSpec:
     """A token order and its sequence layout, as data. Hashable, so it can be a static jit argument.
 
-    kind:               "region" (PAR) or "raster_multi" (ablation: n consecutive raster tokens per step).
+    kind:               "region" (PAR), "raster_multi" (ablation: n consecutive raster tokens per step) or
+                        "region_sequential" (ablation: PAR's order over n regions, generated one token per step: the
+                        layout of n = 1, N steps, plain causal attention; the model keeps n - 1 transition embeddings
+                        that no position reads).
     sequential_prefix:  True (PAR) generates t_0 .. t_{n-1} one by one first; False is the ablation with no initial
                         sequential tokens (the first group is predicted in parallel from [cls] M_1 .. M_{n-1}).
     intra_group:        "full" (PAR) or "causal" (ablation) attention inside a parallel group.
@@ -115,8 +118,11 @@ class OrderSpec:
             raise ValueError(f"unknown order kind {self.kind!r}; choose one of {ORDER_KINDS}.")
         if self.intra_group not in INTRA_GROUP:
             raise ValueError(f"unknown intra_group {self.intra_group!r}; choose one of {INTRA_GROUP}.")
-        if self.kind == "region":
+        if self.kind in ("region", "region_sequential"):
             regions_per_side(self.grid_shape, self.n)
+        if self.kind == "region_sequential" and not self.sequential_prefix:
+            raise ValueError("region_sequential generates every token one at a time; sequential_prefix=False "
+                             "(a parallel first group) does not apply to it.")
         elif self.n < 1 or self.num_tokens % self.n:
             raise ValueError(f"raster_multi needs n to divide the {self.num_tokens} tokens, got n={self.n}.")
 
@@ -189,9 +195,14 @@ class SequenceLayout:
 @functools.lru_cache(maxsize=64)
 def _layout(spec: OrderSpec) -> SequenceLayout:
     n, n_tok = spec.n, spec.num_tokens
-    perm = region_order(spec.grid_shape, n) if spec.kind == "region" else raster_order(spec.grid_shape)
+    perm = raster_order(spec.grid_shape) if spec.kind == "raster_multi" else region_order(spec.grid_shape, n)
     kind, index, group = [CLS], [0], []
-    if spec.sequential_prefix:
+    if spec.kind == "region_sequential":
+        # [cls] t_0 .. t_{N-2}, one position per step: the layout of n = 1 over PAR's permutation.
+        kind += [TOKEN] * (n_tok - 1)
+        index += list(range(n_tok - 1))
+        group = list(range(n_tok))
+    elif spec.sequential_prefix:
         # [cls] t_0 .. t_{n-1} M_1 .. M_{n-1} t_n .. t_{N-2}
         kind += [TOKEN] * n + [TRANSITION] * (n - 1) + [TOKEN] * (n_tok - n - 1)
         index += list(range(n)) + list(range(n - 1)) + list(range(n, n_tok - 1))
