@@ -22,7 +22,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tokenizer",),                           # the VQ tokenizer, its training, the extract_codes job
     ("conversion", "training", "sampling", "analysis"),  # PyTorch weights; the trainer; the sampler; token analyses
     ("evaluation",),                          # metrics, feature networks, the evaluate job, training plug-ins
-    ("bench", "demo", "convert", "main", "visualize", "architecture"),  # entry points
+    ("phases",),                              # resumable phases of the Fashion-MNIST commands, and their shared ones
+    ("bench", "demo", "reproduce", "convert", "main", "visualize", "architecture"),  # entry points
 )
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
