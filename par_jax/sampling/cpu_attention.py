@@ -56,48 +56,54 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PAR_JAX_CACHE", Path.home() / ".cache" / "par_jax")) / "kernels"
 
 
-def _library_path(cxx: str) -> Path:
+def _library_path(cxx: str, source: Path) -> Path:
     import jaxlib
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), cxx.encode(), jaxlib.__version__.encode(),
+    for part in (source.read_bytes(), " ".join(_FLAGS).encode(), cxx.encode(), jaxlib.__version__.encode(),
                  _cpu_id().encode()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / f"cpu_attention-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 
 
-def build() -> Path:
-    """Compile the kernel (or find it already compiled); raises RuntimeError saying why it could not."""
+def build(source: Path = _SOURCE) -> Path:
+    """Compile a kernel source of this folder (default: this one), or find it already compiled; raises RuntimeError
+    saying why it could not. cpu_matmul.py builds its kernel through here too."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++: apt-get install g++)")
-    lib = _library_path(cxx)
+    lib = _library_path(cxx, source)
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     # Build into a temporary file and rename: concurrent processes (pytest -n) never load a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
-        raise RuntimeError(f"compiling {_SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
     os.replace(tmp, lib)
     return lib
 
 
 @functools.cache
-def _load() -> str | None:
-    """Build, load and register the kernel once per process; returns why it is unavailable, or None."""
+def load_kernel(source: Path, symbol: str, target: str) -> str | None:
+    """Build and load `source`, and register its handler `symbol` as the FFI target `target`, once per process;
+    returns why it is unavailable, or None."""
     if os.environ.get("PAR_JAX_NO_CPU_KERNELS"):
         return "disabled by PAR_JAX_NO_CPU_KERNELS"
     try:
-        lib = ctypes.cdll.LoadLibrary(str(build()))
+        lib = ctypes.cdll.LoadLibrary(str(build(source)))
     except (RuntimeError, OSError) as e:
         return str(e)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.ParDecodeAttention), platform="cpu")
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return None
+
+
+def _load() -> str | None:
+    return load_kernel(_SOURCE, "ParDecodeAttention", TARGET)
 
 
 def available() -> bool:
