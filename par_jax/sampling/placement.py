@@ -40,6 +40,12 @@ def local_mesh(mesh_config: Optional[Mapping[str, Any]] = None) -> jax.sharding.
             f"--config.mesh.tensor=-1.") from None
 
 
+def from_config(config) -> tuple[jax.sharding.Mesh, sharding.Rules]:
+    """The sample and evaluate jobs' mesh and rules: `local_mesh(config.mesh)` and `config.mesh.rules`."""
+    mesh_config = config.get("mesh")
+    return local_mesh(mesh_config), sharding.rules_from_config(mesh_config.get("rules") if mesh_config else None)
+
+
 def check_mesh(mesh: jax.sharding.Mesh) -> None:
     """A clear error for a mesh the sampler cannot use."""
     if tuple(mesh.axis_names) != mesh_lib.AXES:
