@@ -140,6 +140,21 @@ def test_table_builds_each_size_from_the_given_config_file(capsys):
     assert "PAR-XL | 16 | 256 (16)" in memory.markdown(rows)
 
 
+def test_table_rows_are_chosen_by_name_and_merged_into_the_saved_table():
+    assert memory.parse_rows(["3B:64", "XXL:32"]) == (("3B", 64), ("XXL", 32))
+    assert memory.parse_rows([]) == memory.TABLE_ROWS
+    with pytest.raises(ValueError, match="unknown table row 'XXL:16'.*XL:16"):
+        memory.parse_rows(["XXL:16"])
+    old = [{"size": s, "devices": d, "remat": m, "compiled": {"gib": 1.0}} for s, d in memory.TABLE_ROWS
+           for m in ("none", "full")]
+    new = [{"size": "3B", "devices": 32, "remat": m, "compiled": {"gib": 2.0}} for m in ("full", "none")]
+    merged = memory.merge_rows(old, new)
+    assert [(r["size"], r["devices"], r["remat"]) for r in merged] == [(r["size"], r["devices"], r["remat"])
+                                                                         for r in old]
+    assert [r["compiled"]["gib"] for r in merged] == [2.0 if r["size"] == "3B" and r["devices"] == 32 else 1.0
+                                                      for r in old]
+
+
 def test_offline_tpu_compile_needs_its_environment_set_by_the_caller(monkeypatch):
     """The library reads, never writes, the libtpu environment (the command line sets it before any TPU use)."""
     acc = memory.accelerator("v5p-8")

@@ -22,6 +22,7 @@ before it touches a device; library callers set it themselves (the library funct
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import importlib.util
 import math
@@ -307,7 +308,8 @@ TABLE_HBM = (("v5e", 16), ("v4 / v6e", 32), ("A100 / H100 80 GB", 74.5), ("v5p",
 def table(make_config, methods=("estimate", "compiled"), remats=("none", "full"), rows=TABLE_ROWS,
           log=print) -> list[dict]:
     """Per-device memory of PAR-XL, XXL and 3B (n=4, 384 px, bfloat16) at their paper batch sizes;
-    `make_config(size)` builds the experiment config of a size (the command line: its --config file)."""
+    `make_config(size)` builds the experiment config of a size (the command line: its --config file). Each
+    compiled figure records the libtpu version and the date it was compiled with."""
     out = []
     for size, devices in rows:
         for remat in remats:
@@ -321,8 +323,37 @@ def table(make_config, methods=("estimate", "compiled"), remats=("none", "full")
                 log(r.line())
                 row.update(batch=r.global_batch, device_batch=r.device_batch, mesh=r.mesh)
                 row[method] = {"gib": r.total / GiB, "note": r.note, "parts_gib": {k: v / GiB for k, v in r.parts.items()}}
+                if method == "compiled":
+                    row[method].update(libtpu=libtpu_version(), date=datetime.date.today().isoformat())
             out.append(row)
     return out
+
+
+def libtpu_version() -> str:
+    from importlib import metadata  # noqa: PLC0415
+    return metadata.version("libtpu") if tpu_compiler_available() else ""
+
+
+def parse_rows(names: list[str]) -> tuple[tuple[str, int], ...]:
+    """['XXL:32', '3B:64'] -> (('XXL', 32), ('3B', 64)), each one of TABLE_ROWS; [] -> TABLE_ROWS."""
+    rows = []
+    for name in names:
+        size, _, devices = name.partition(":")
+        row = (size, int(devices)) if devices.isdigit() else None
+        if row not in TABLE_ROWS:
+            known = ", ".join(f"{s}:{d}" for s, d in TABLE_ROWS)
+            raise ValueError(f"unknown table row {name!r}: name rows as SIZE:DEVICES, from {known}.")
+        rows.append(row)
+    return tuple(rows) or TABLE_ROWS
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with the rows of the same (size, devices, remat) replaced by `new` ones, in TABLE_ROWS order."""
+    def key(r):
+        return r["size"], r["devices"], r["remat"]
+    merged = {key(r): r for r in old} | {key(r): r for r in new}
+    order = {row: i for i, row in enumerate(TABLE_ROWS)}
+    return sorted(merged.values(), key=lambda r: (order.get((r["size"], r["devices"]), len(order)), r["remat"] != "none"))
 
 
 def markdown(rows: list[dict]) -> str:
@@ -353,7 +384,10 @@ def define_flags(fv, argv) -> None:
     flags.DEFINE_enum("method", "auto", ["auto", "compiled", "estimate"],
                       "auto: compile for TPU topologies when libtpu is installed, else estimate.", flag_values=fv)
     flags.DEFINE_bool("table", False, "Print the XL / XXL / 3B table of docs/tpu.md.", flag_values=fv)
-    flags.DEFINE_string("json_out", "", "With --table: also write the rows as JSON here.", flag_values=fv)
+    flags.DEFINE_string("json_out", "", "With --table: also write the rows as JSON here (with --rows: the rows "
+                        "computed replace theirs in the file, the others stay).", flag_values=fv)
+    flags.DEFINE_list("rows", [], "With --table: only these rows, as SIZE:DEVICES (e.g. XXL:32,3B:64); default all.",
+                      flag_values=fv)
     flags.mark_flag_as_required("config", flag_values=fv)
 
 
@@ -371,15 +405,23 @@ def main(argv=None) -> None:
     if f.method != "estimate" and tpu_compiler_available():  # the command line is the edge: set before TPU use
         for var, value in offline_tpu_env(tpus[0]).items():
             os.environ.setdefault(var, value)
+    try:
+        table_rows = parse_rows(f.rows)
+    except ValueError as e:
+        raise config_args.UsageError(f"--rows: {e}") from None
     if f.table:
         file, _, arg = config_flags.get_config_filename(f["config"]).partition(":")
         module = config_args.load_module(file)
         rows = table(lambda size: module.get_config(",".join(filter(None, (arg, f"size={size}")))),
-                     methods=("estimate", "compiled") if f.method in ("auto", "compiled") else ("estimate",))
-        print(markdown(rows))
+                     methods=("estimate", "compiled") if f.method in ("auto", "compiled") else ("estimate",),
+                     rows=table_rows)
         if f.json_out:
+            if f.rows and os.path.exists(f.json_out):
+                with open(f.json_out) as fh:
+                    rows = merge_rows(json.load(fh), rows)
             with open(f.json_out, "w") as fh:
                 json.dump(rows, fh, indent=1)
+        print(markdown(rows))
         return
     for acc in accelerators:
         print(check(f.config, acc.name, f.method).line())
