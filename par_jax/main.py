@@ -25,6 +25,7 @@ JOBS = {
     "train_tokenizer": "par_jax.tokenizer.train:train_and_evaluate",
     "evaluate_tokenizer": "par_jax.tokenizer.evaluate:run",
     "demo": "par_jax.demo:run",
+    "reproduce": "par_jax.reproduce:run",
 }
 
 
