@@ -165,6 +165,37 @@ def test_mean_interval_matches_the_t_formula_and_covers_the_mean():
     assert wider > s["half_width"]
 
 
+def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, tmp_path):
+    rng = np.random.default_rng(0)
+    cells, seeds = ["raster_one", "raster_multi", "distant_one", "distant_multi"], [0, 1, 2]
+    maps = {name: rng.uniform(1, 3, 64) for name in cells}
+    written = {}
+    for name in cells:
+        for seed in seeds:
+            metrics = {m: float(rng.normal(10, 1)) for m in reproduce.METRICS}
+            written.setdefault(name, []).append(metrics)
+            entropy = maps[name] + (seed - 1) * 0.1  # the seeds average back to maps[name]
+            folder = tmp_path / "cells" / name / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "results.json").write_text(json.dumps(
+                {"metrics": metrics, "entropy_map": entropy.tolist(), "grid_shape": [8, 8], "num_steps": 7}))
+    reproduce.report(config, tmp_path, cells, seeds)
+    out = json.loads((tmp_path / "report" / "results.json").read_text())
+    for name in cells:
+        for m in reproduce.METRICS:
+            values = [w[m] for w in written[name]]
+            assert out["summary"][name][m]["mean"] == pytest.approx(np.mean(values))
+            assert out["summary"][name][m]["values"] == pytest.approx(values)
+    increase = {d["parallel"]: d for d in out["entropy_increase"]}
+    for parallel, sequential in (("distant_multi", "distant_one"), ("raster_multi", "raster_one")):
+        want = (maps[parallel] - maps[sequential]).reshape(8, 8)
+        np.testing.assert_allclose(increase[parallel]["map"], want, atol=1e-9)
+        assert increase[parallel]["mean"] == pytest.approx(want.mean())
+    assert (tmp_path / "report" / "entropy_increase.png").exists()
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in cells) and "95% t-interval" in table
+
+
 def test_bad_cell_or_seed_names_are_usage_errors(config):
     c = config.copy_and_resolve_references()
     c.reproduce.seeds = "0,0"
