@@ -232,10 +232,21 @@ def report(config, root: epath.Path, cells: list[str], seeds: list[int]) -> dict
     out_dir = root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     text = table(config, summary, {name: results[0]["num_steps"] for name, results in cell_results.items()})
+    markers = {name: [root / "cells" / name / f"seed{s}" / phases_lib.MARKER for s in seeds] for name in cells}
+    seconds = {name: [json.loads(m.read_text())["seconds"] for m in found if m.exists()]
+               for name, found in markers.items()}
+    text += "\n\nWall time per seed (training, sampling and scoring), minutes: " + ", ".join(
+        f"{name} {np.mean(v) / 60:.1f}" for name, v in seconds.items() if v) + "."
     (out_dir / "table.md").write_text(text + "\n")
+    grids = {}
+    for name in ("raster_multi", "distant_multi"):  # the paper's Figure 5: adjacent vs distant tokens in parallel
+        grid = root / cell_results.get(name, [{}])[0].get("samples_grid", "missing")
+        if name in cell_results and grid.exists():
+            grids[name] = f"report/samples_{name}_seed{seeds[0]}.png"
+            (root / grids[name]).write_bytes(grid.read_bytes())
     (out_dir / RESULTS_FILE).write_text(json.dumps(
         {"summary": summary, "entropy_increase": increases, "cells": cells, "seeds": seeds,
-         "confidence": float(config.reproduce.confidence),
+         "confidence": float(config.reproduce.confidence), "seconds_per_seed": seconds, "sample_grids": grids,
          "cell_results": {n: [phases_lib.relative(os.fspath(root / "cells" / n / f"seed{s}" / RESULTS_FILE), root)
                               for s in seeds] for n in cells}}, indent=1, default=phases_lib.jsonable))
     if increases:

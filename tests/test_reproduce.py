@@ -178,7 +178,10 @@ def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, 
             folder = tmp_path / "cells" / name / f"seed{seed}"
             folder.mkdir(parents=True)
             (folder / "results.json").write_text(json.dumps(
-                {"metrics": metrics, "entropy_map": entropy.tolist(), "grid_shape": [8, 8], "num_steps": 7}))
+                {"metrics": metrics, "entropy_map": entropy.tolist(), "grid_shape": [8, 8], "num_steps": 7,
+                 "samples_grid": f"cells/{name}/seed{seed}/grid.png"}))
+            (folder / "grid.png").write_bytes(f"{name} {seed}".encode())
+            (folder / "phase.json").write_text(json.dumps({"seconds": 60.0 * (seed + 1)}))  # mean: 2 minutes
     reproduce.report(config, tmp_path, cells, seeds)
     out = json.loads((tmp_path / "report" / "results.json").read_text())
     for name in cells:
@@ -194,6 +197,9 @@ def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, 
     assert (tmp_path / "report" / "entropy_increase.png").exists()
     table = (tmp_path / "report" / "table.md").read_text()
     assert all(f"| {name} |" in table for name in cells) and "95% t-interval" in table
+    assert all(f"{name} 2.0" in table for name in cells)  # wall time per seed, from the phases' records
+    for name in ("raster_multi", "distant_multi"):  # the sample grids side by side (the paper's Figure 5)
+        assert (tmp_path / out["sample_grids"][name]).read_bytes() == f"{name} 0".encode()
 
 
 def test_bad_cell_or_seed_names_are_usage_errors(config):
@@ -234,6 +240,8 @@ def test_quick_grid_runs_end_to_end_reuses_phases_and_refuses_another_protocol(t
         assert r["eval_settings"]["num_samples"] == 20 and "--config.reproduce.cells=" + name in r["rerun"]
         assert str(tmp_path) not in json.dumps(r)  # no absolute path of this machine
     assert "| raster_multi |" in (workdir / "report" / "table.md").read_text()
+    for name in report["cells"]:
+        assert (workdir / report["sample_grids"][name]).stat().st_size > 0
 
     # A second run reuses the finished phases, and refuses a cell whose recorded protocol differs from the one asked.
     other = _run(workdir, "--config.par.train.num_steps=7")
