@@ -102,9 +102,9 @@ def test_accelerator_choices_decode_like_the_forward(monkeypatch):
     model = tiny_model(4, (8, 8))
     cfg = model.config
     sampler = Sampler(model, SampleSettings(guidance=1.5), BATCH, teacher_forced=True)
-    assert sampler.describe() | {"attention_why": ""} == {
-        "batch": BATCH, "cache_chunks": 4, "attention": "xla", "attention_why": "", "block_cols": 0,
-        "kv_cache": "(B, S, heads, head_dim)"}
+    assert sampler.describe() | {"attention_why": "", "matmul_why": ""} == {
+        "batch": BATCH, "cache_chunks": 4, "attention": "xla", "attention_why": "", "matmul": "xla", "matmul_why": "",
+        "block_cols": 0, "kv_cache": "(B, S, heads, head_dim)"}
     tokens = random_tokens(cfg)
     cond = forward_logits(model, tokens, LABELS)
     uncond = forward_logits(model, tokens, np.full_like(LABELS, cfg.null_class))

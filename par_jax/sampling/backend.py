@@ -27,9 +27,10 @@ from flax import nnx
 
 from par_jax.model import ParTransformer
 from par_jax.model.transformer import ColumnBlocks
-from par_jax.sampling import cpu_attention
+from par_jax.sampling import cpu_attention, cpu_matmul
 
 ATTENTION = ("xla", "cpu_kernel")   # how a step attends over the cache: XLA's ops, or cpu_attention.cc
+MATMUL = ("xla", "cpu_kernel")      # how a step multiplies by the weights: XLA's dots, or cpu_matmul.cc
 CPU_BLOCK_COLS = 256                # fastest of 128/256/512/1024 on XLA:CPU
 _KERNEL_MISSING = "it is unavailable: "
 
@@ -38,16 +39,17 @@ def _platform() -> str:
     return jax.default_backend()  # one seam: tests run the accelerator choices on the CPU
 
 
-def _cpu_kernel_unavailable(dtype, num_devices: int) -> str | None:
-    """Why attention="cpu_kernel" cannot run here, or None. The build is tried last (only where it would be used)."""
+def _cpu_kernel_unavailable(dtype, num_devices: int, kernel=cpu_attention) -> str | None:
+    """Why a CPU kernel (the module cpu_attention or cpu_matmul) cannot run here, or None. The build is tried last
+    (only where it would be used)."""
     if _platform() != "cpu":
         return f"it runs on the CPU backend only (this is {_platform()})"
     if jnp.dtype(dtype) != jnp.float32:
         return f"it takes float32 models, this one computes in {jnp.dtype(dtype)}"
     if num_devices != 1:
         return f"it needs one device (the batch is sharded over {num_devices})"
-    if not cpu_attention.available():
-        return _KERNEL_MISSING + cpu_attention.unavailable_reason()
+    if not kernel.available():
+        return _KERNEL_MISSING + kernel.unavailable_reason()
     return None
 
 
@@ -69,9 +71,18 @@ def default_block_cols() -> int:
     return CPU_BLOCK_COLS if _platform() == "cpu" else 0
 
 
+def check_matmul(matmul: str, dtype, num_devices: int) -> None:
+    """A clear error for a matmul choice that cannot run here."""
+    if matmul not in MATMUL:
+        raise ValueError(f"matmul must be one of {MATMUL}, got {matmul!r}.")
+    reason = _cpu_kernel_unavailable(dtype, num_devices, cpu_matmul) if matmul == "cpu_kernel" else None
+    if reason:
+        raise ValueError(f"matmul='cpu_kernel' cannot run here: {reason}; use matmul='xla'.")
+
+
 @functools.cache
-def _log_choice(attention: str, why: str, warn: bool) -> None:
-    (logging.warning if warn else logging.info)("sampler attention: %s (%s)", attention, why)
+def _log_choice(what: str, choice: str, why: str, warn: bool) -> None:
+    (logging.warning if warn else logging.info)("sampler %s: %s (%s)", what, choice, why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,40 +90,63 @@ class Backend:
     """The sampler's options for the model's cached path (hashable: part of a jit static argument).
 
     attention   one of ATTENTION; attention_why says how it was chosen (the default depends on the machine).
-    block_cols  matrices as column blocks of this width; 0 = whole matrices.
+    block_cols  matrices as column blocks of this width; 0 = whole matrices (with matmul="xla").
     seq_last    KV cache stored (B, heads, head_dim, S) instead of (B, S, heads, head_dim).
+    matmul      one of MATMUL; "cpu_kernel" packs every matrix once for cpu_matmul.cc (block_cols is then unused);
+                matmul_why says how it was chosen.
     """
     attention: str
     block_cols: int
     seq_last: bool
     attention_why: str = ""
+    matmul: str = "xla"
+    matmul_why: str = ""
 
     @classmethod
     def choose(cls, dtype, num_devices: int, attention: Optional[str] = None,
-               block_cols: Optional[int] = None) -> "Backend":
+               block_cols: Optional[int] = None, matmul: Optional[str] = None) -> "Backend":
         """This machine's backend; attention/block_cols given override the defaults (a clear error if impossible).
 
         Default attention: "cpu_kernel" where it applies (CPU backend, float32, one device: with several, XLA shards
         the batch and cannot split a custom call) and builds (a C++ compiler), else "xla". The choice and its reason
         are logged once per process (a warning where only the missing kernel made it "xla") and kept in
-        `attention_why`.
+        `attention_why`. The matmul kernel is chosen the same way (`matmul_why`; not where block_cols is given, a
+        layout for XLA's dots): on this project's 2-core CPU the sampler ran in 0.40x / 0.65x the time with it at
+        n = 4 / 16 (paired runs), and a compiled sampler's first call no longer builds XLA's dot runtimes
+        (docs/benchmarks.md).
         """
         if attention is None:
             reason = _cpu_kernel_unavailable(dtype, num_devices)
             attention = "xla" if reason else "cpu_kernel"
             why = (f"default; cpu_kernel not used: {reason}" if reason
                    else "default: CPU backend, float32, one device, kernel built")
-            _log_choice(attention, why, bool(reason) and reason.startswith(_KERNEL_MISSING))
+            _log_choice("attention", attention, why, bool(reason) and reason.startswith(_KERNEL_MISSING))
         else:
             check_attention(attention, dtype, num_devices)
             why = "asked for"
+        if matmul is None and block_cols is not None:  # column blocks are a layout for XLA's dots
+            matmul, matmul_why = "xla", "block_cols given: XLA's dots on column blocks"
+        elif matmul is None:
+            reason = _cpu_kernel_unavailable(dtype, num_devices, cpu_matmul)
+            matmul = "xla" if reason else "cpu_kernel"
+            matmul_why = (f"default; cpu_kernel not used: {reason}" if reason
+                          else "default: CPU backend, float32, one device, kernel built")
+            _log_choice("matmul", matmul, matmul_why, bool(reason) and reason.startswith(_KERNEL_MISSING))
+        else:
+            check_matmul(matmul, dtype, num_devices)
+            matmul_why = "asked for"
         return cls(attention=attention, block_cols=default_block_cols() if block_cols is None else int(block_cols),
-                   seq_last=_platform() == "cpu", attention_why=why)
+                   seq_last=_platform() == "cpu", attention_why=why, matmul=matmul, matmul_why=matmul_why)
 
     def describe(self) -> dict:
         """What the sampler runs, for logs and benchmark records."""
-        return {"attention": self.attention, "attention_why": self.attention_why, "block_cols": self.block_cols,
+        return {"attention": self.attention, "attention_why": self.attention_why, "matmul": self.matmul,
+                "matmul_why": self.matmul_why, "block_cols": self.block_cols,
                 "kv_cache": "(B, heads, head_dim, S)" if self.seq_last else "(B, S, heads, head_dim)"}
+
+    @property
+    def _kernel(self):
+        return cpu_matmul.PANEL_MATMUL if self.matmul == "cpu_kernel" else None
 
     def init_cache(self, model: ParTransformer, rows: int, length: int):
         kernel = cpu_attention.attend if self.attention == "cpu_kernel" else None
@@ -124,7 +158,8 @@ class Backend:
         graphdef, state = nnx.split(model)
         if sharding is not None:
             state = jax.device_put(state, sharding)
-        return nnx.graphdef(_flat_model(model.config)), _prepare_jit(graphdef, state, block_cols=self.block_cols)
+        return nnx.graphdef(_flat_model(model.config)), _prepare_jit(graphdef, state, block_cols=self.block_cols,
+                                                                             kernel=self._kernel)
 
 
 def _flat_model(cfg):
@@ -132,8 +167,8 @@ def _flat_model(cfg):
     return nnx.eval_shape(lambda: ParTransformer(cfg.replace(scan_layers=False, remat="none"), rngs=nnx.Rngs(0)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "block_cols"))
-def _prepare_jit(graphdef, state, *, block_cols):
+@functools.partial(jax.jit, static_argnames=("graphdef", "block_cols", "kernel"))
+def _prepare_jit(graphdef, state, *, block_cols, kernel=None):
     model = nnx.merge(graphdef, state)
     cfg = model.config
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -145,6 +180,6 @@ def _prepare_jit(graphdef, state, *, block_cols):
     def to_blocks(var):  # every matrix, whichever layer it belongs to
         fan_in_axes = var.get_metadata().get("fan_in_axes")
         if fan_in_axes:
-            var = var.replace(ColumnBlocks.of(var.get_value(), fan_in_axes, cfg.dtype, block_cols))
+            var = var.replace(ColumnBlocks.of(var.get_value(), fan_in_axes, cfg.dtype, block_cols, kernel))
         return var
     return jax.tree.map(to_blocks, out, is_leaf=lambda x: isinstance(x, nnx.Variable))

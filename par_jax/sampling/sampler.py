@@ -246,13 +246,13 @@ class Sampler:
     With several local devices the batch is sharded over them (parameters replicated). `cache_chunks` trades compile
     time for attention bytes (see `plan_chunks`). `attention` picks how steps attend over the cache
     (backend.ATTENTION; default: the CPU kernel for float32 on one CPU device where it builds, else XLA's ops) and
-    `block_cols` the weights' column blocks (default: 256 on CPU, whole on accelerators); `describe()` says what was
-    chosen and why.
+    `block_cols` the weights' column blocks (default: 256 on CPU, whole on accelerators), or `matmul` the CPU kernel for
+    the weight matmuls (backend.MATMUL; same default as attention); `describe()` says what was chosen and why.
     """
 
     def __init__(self, model: ParTransformer, settings: SampleSettings = SampleSettings(), batch_size: int = 1,
                  *, teacher_forced: bool = False, cache_chunks: int = 4, block_cols: Optional[int] = None,
-                 attention: Optional[str] = None):
+                 attention: Optional[str] = None, matmul: Optional[str] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         if cache_chunks < 1:
@@ -261,7 +261,7 @@ class Sampler:
         self.config = model.config
         self.settings = settings
         devices = jax.local_devices()
-        self.backend = Backend.choose(self.config.dtype, len(devices), attention, block_cols)
+        self.backend = Backend.choose(self.config.dtype, len(devices), attention, block_cols, matmul)
         self.plan = _Plan(batch=batch_size, guided=settings.guided, schedule=settings.guidance_schedule,
                           greedy=settings.temperature == 0, top_k=min(int(settings.top_k), self.config.vocab_size),
                           use_top_p=settings.top_p < 1.0, teacher_forced=teacher_forced, cache_chunks=cache_chunks,
