@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny shapes and write the JSON their docs describe (no timings asserted)."""
 
 import json
+import os
 import pathlib
 
 import pytest
@@ -24,7 +25,9 @@ def test_sample_bench_writes_rows_with_floors(tmp_path, capsys):
     for r in result["results"]:
         assert r["steps"] == ordering.num_steps((4, 4), r["n"])
         assert len(r["s_per_batch_runs"]) == 3 and r["s_per_batch"] > 0
-        assert set(r["matmul_floor_by_form_s"]) >= {"block_cols=0"} and r["matmul_floor_s"] > 0
+        forms = {"matmul=cpu_kernel", "matmul=xla,block_cols=0", "matmul=xla,block_cols=256"}
+        assert set(r["matmul_floor_by_form_s"]) == forms and r["matmul_floor_s"] > 0
+        assert r["matmul"] == "cpu_kernel" and r["xla_matmul_floor_s"] >= r["matmul_floor_s"]
         assert len(r["matmul_floor_runs"]) == 3  # timed in the same rounds as the sampler
         ratios = sorted(t / f for t, f in zip(r["s_per_batch_runs"], r["matmul_floor_runs"]))
         assert r["vs_matmul_floor"] == ratios[1]  # median of the per-round ratios
@@ -33,6 +36,15 @@ def test_sample_bench_writes_rows_with_floors(tmp_path, capsys):
         assert r["attention"] == "cpu_kernel"  # float32 on one CPU device
         assert r["weights_GBps"] == r["weight_bytes_per_step"] * r["steps"] / r["s_per_batch"] / 1e9
         assert "vs_device_bandwidth" not in r  # a CPU has no vendor figure
+        # The flops floor: the weight matmuls' FLOPs over the best BLAS rate measured in this process.
+        assert r["blas"] == result["machine"]["blas"] and r["blas"]["flops_per_s"] > 1e8
+        cfg_rows = 2  # batch 1, guided
+        positions = ordering.num_steps((4, 4), r["n"]) - 1 + r["n"]  # every position fed once
+        assert r["weight_matmul_flops"] >= 2 * cfg_rows * (positions - r["n"]) * r["weight_bytes_per_step"] // 4
+        assert r["flops_floor_s"] == r["weight_matmul_flops"] / r["blas"]["flops_per_s"]
+        assert r["physical_floor_s"] == max(r["flops_floor_s"], r["bandwidth_floor_s"])
+        assert r["first_call_s"] > 0 and r["first_call_cpu_s"] > 0 and r["later_call_cpu_s"] > 0
+        assert r["first_call_vs_median"] == r["first_call_s"] / r["s_per_batch"]
     one, four = result["results"]
     assert one["speedup_vs_n1"] == 1.0 and four["speedup_vs_n1"] == one["s_per_batch"] / four["s_per_batch"]
     assert four["step_ratio_vs_n1"] == one["steps"] / four["steps"] > 1
@@ -111,3 +123,42 @@ def test_data_bench_writes_codes_of_the_config_grid(tmp_path):
     assert result["config"] == "configs/par.py:res=128" and result["grid"] == [8, 8]
     assert set(result["rows"]) == {"raw read", "train loader", "synthetic loader", "ten_crop views"}
     assert all(rate > 0 for rate in result["rows"].values())
+
+
+def test_sample_bench_release_needs_a_checkout(tmp_path):
+    with pytest.raises(config_args.UsageError, match="not a checkout of the PyTorch PAR release"):
+        bench_sample.main(["bench", "--size=tiny", "--grid=4x4", "--n=4", f"--release={tmp_path}",
+                           "--json", str(tmp_path / "s.json")])
+
+
+@pytest.mark.skipif(not os.environ.get("PAR_RELEASE_DIR"),
+                    reason="set PAR_RELEASE_DIR to a checkout of github.com/YuqingWang1029/PAR")
+def test_sample_bench_times_the_release_on_the_same_weights(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    bench_sample.main(["bench", "--size=tiny", "--grid=4x4", "--n=1,4", "--vocab=64", "--num_classes=10", "--runs=3",
+                       "--floor_forms=sampler", f"--release={os.environ['PAR_RELEASE_DIR']}", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["args"]["release"] == os.path.basename(os.path.normpath(os.environ["PAR_RELEASE_DIR"]))
+    for r in result["results"]:
+        assert r["release_logits_max_abs_diff"] <= 1e-4 * r["release_logits_max_abs"]
+        assert len(r["release_s_per_batch_runs"]) == 3  # in the same rounds as the sampler
+        ratios = sorted(b / t for t, b in zip(r["s_per_batch_runs"], r["release_s_per_batch_runs"]))
+        assert r["speedup_vs_release"] == ratios[1]
+        assert "torch_release_s_per_image_quoted" not in r
+    assert "release and par_jax logits agree" in capsys.readouterr().out
+
+
+def test_release_logits_match_par_jax_and_notice_a_wrong_weight():
+    directory = os.environ.get("PAR_RELEASE_DIR")
+    if not directory:
+        pytest.skip("set PAR_RELEASE_DIR to a checkout of github.com/YuqingWang1029/PAR")
+    from par_jax.bench import release
+    from par_jax.model import model_config
+    cfg = model_config("tiny", n=4, grid_shape=(4, 4), vocab_size=64, num_classes=10, num_heads=4, dtype="float32")
+    rel = release.Release(directory, cfg)
+    model = rel.par_jax_model()
+    diff, scale = release.max_logits_difference(rel, model)
+    assert scale > 0.1 and diff <= 1e-5 * scale
+    model.norm.weight[...] = model.norm.weight[...] * 1.01  # one parameter off by 1%
+    diff, scale = release.max_logits_difference(rel, model)
+    assert diff > 1e-3 * scale
