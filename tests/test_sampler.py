@@ -128,8 +128,10 @@ def test_column_blocks_decode_like_whole_matrices():
     settings = SampleSettings(guidance=1.5)
     whole = Sampler(model, settings, BATCH, teacher_forced=True, block_cols=0)
     blocks = Sampler(model, settings, BATCH, teacher_forced=True, block_cols=32)
-    wqkv = lambda s: s.weights["layers"][0]["attention"]["wqkv"].get_value().blocks
-    assert len(wqkv(blocks)) == 6 and len(wqkv(whole)) == 1
+    wqkv = lambda s: s.weights["layers"][0]["attention"]["wqkv"].get_value()
+    assert len(wqkv(blocks).blocks) == 6
+    # Whole matrices keep the parameter's own shape (one layer of the stacked parameter), so its sharding carries over.
+    assert wqkv(whole).shape == model.layers.attention.wqkv.shape[1:]
     np.testing.assert_allclose(np.asarray(blocks.score(tokens, LABELS)), np.asarray(whole.score(tokens, LABELS)),
                                atol=ATOL, rtol=0)
 

@@ -4,8 +4,8 @@ The math is the model's (par_jax/model/transformer.py, `ParTransformer.step`); a
 measured on a 2-core Xeon (XLA:CPU, size B, docs/benchmarks.md):
 - weights prepared once (`prepare`): one buffer per layer (a `scan` over stacked layers slices every matrix out of
   its stack at every step, which XLA:CPU materialises as a copy: 2x the time per step), matrices in the compute
-  dtype as `ColumnBlocks` of `block_cols` columns on CPU (1.4-2.5x faster 2 to 32-row matmuls), whole (0) on
-  accelerators;
+  dtype as `ColumnBlocks` of `block_cols` columns on CPU (1.4-2.5x faster 2 to 32-row matmuls), whole (0: the
+  parameter's own shape, so a sharded parameter stays sharded alike) on accelerators and on meshes that split weights;
 - the KV cache (B, heads, head_dim, S) on CPU (`seq_last`; 2x faster than (B, S, heads, head_dim) there; keys as
   (.., S, head_dim) were 10-35% slower for 4 to 16 queries), the training layout (B, S, heads, head_dim) on
   accelerators;
@@ -25,9 +25,10 @@ import jax.numpy as jnp
 from absl import logging
 from flax import nnx
 
+from par_jax.core import sharding
 from par_jax.model import ParTransformer
 from par_jax.model.transformer import ColumnBlocks
-from par_jax.sampling import cpu_attention, cpu_matmul
+from par_jax.sampling import cpu_attention, cpu_matmul, placement
 
 ATTENTION = ("xla", "cpu_kernel")   # how a step attends over the cache: XLA's ops, or cpu_attention.cc
 MATMUL = ("xla", "cpu_kernel")      # how a step multiplies by the weights: XLA's dots, or cpu_matmul.cc
@@ -152,14 +153,27 @@ class Backend:
         kernel = cpu_attention.attend if self.attention == "cpu_kernel" else None
         return model.init_cache(rows, length, seq_last=self.seq_last, kernel=kernel)
 
-    def prepare(self, model: ParTransformer, sharding=None) -> tuple[nnx.GraphDef, nnx.State]:
-        """(graphdef, state) of the model as the sampler runs it, compiled and run once; `sharding` (e.g. replicated
-        over a mesh) places the parameters first. About one more copy of the matrices, in the compute dtype."""
+    def prepare(self, model: ParTransformer, mesh: Optional[jax.sharding.Mesh] = None,
+                rules: Optional[sharding.Rules] = None) -> tuple[nnx.GraphDef, nnx.State]:
+        """(graphdef, state) of the model as the sampler runs it, compiled and run once. About one more copy of the
+        matrices, in the compute dtype.
+
+        With a mesh the parameters are placed as their logical names and `rules` say (placement.py) and the prepared
+        weights are born split the same way (whole matrices keep the parameter's shape, so its sharding carries over);
+        column blocks and kernel-packed matrices are replicated (the Sampler uses them only where the rules split no
+        weight).
+        """
         graphdef, state = nnx.split(model)
-        if sharding is not None:
-            state = jax.device_put(state, sharding)
-        return nnx.graphdef(_flat_model(model.config)), _prepare_jit(graphdef, state, block_cols=self.block_cols,
-                                                                             kernel=self._kernel)
+        flat = _flat_model(model.config)
+        if mesh is None:
+            return nnx.graphdef(flat), _prepare_jit(graphdef, state, block_cols=self.block_cols,
+                                                     kernel=self._kernel)
+        state = jax.device_put(state, placement.variable_shardings(state, mesh, rules))
+        out = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if self.block_cols or self._kernel
+               else placement.variable_shardings(nnx.state(flat, nnx.Param), mesh, rules))
+        prepare = jax.jit(_prepare, static_argnames=("graphdef", "block_cols", "kernel"),
+                          out_shardings=out)
+        return nnx.graphdef(flat), prepare(graphdef, state, block_cols=self.block_cols, kernel=self._kernel)
 
 
 def _flat_model(cfg):
@@ -167,8 +181,7 @@ def _flat_model(cfg):
     return nnx.eval_shape(lambda: ParTransformer(cfg.replace(scan_layers=False, remat="none"), rngs=nnx.Rngs(0)))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "block_cols", "kernel"))
-def _prepare_jit(graphdef, state, *, block_cols, kernel=None):
+def _prepare(graphdef, state, *, block_cols, kernel=None):
     model = nnx.merge(graphdef, state)
     cfg = model.config
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -179,7 +192,12 @@ def _prepare_jit(graphdef, state, *, block_cols, kernel=None):
 
     def to_blocks(var):  # every matrix, whichever layer it belongs to
         fan_in_axes = var.get_metadata().get("fan_in_axes")
-        if fan_in_axes:
+        if fan_in_axes and (block_cols or kernel):
             var = var.replace(ColumnBlocks.of(var.get_value(), fan_in_axes, cfg.dtype, block_cols, kernel))
+        elif fan_in_axes:  # whole: the parameter's own shape (and so its sharding), in the compute dtype
+            var = var.replace(var.get_value().astype(cfg.dtype))
         return var
     return jax.tree.map(to_blocks, out, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+_prepare_jit = jax.jit(_prepare, static_argnames=("graphdef", "block_cols", "kernel"))

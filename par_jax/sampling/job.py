@@ -14,8 +14,10 @@ The output folder is created and checked first: an unwritable one is an error na
 or sampled. Each batch is written to <name>/batches/ as it completes, so a rerun of an interrupted job skips the
 batches already there (and says so); the settings of the first run are recorded, and a rerun with different ones is
 refused with the differing fields (instead of mixing samples). When every batch is there, samples.npz and grid.png
-are assembled and the batch files removed; a rerun of a finished job only reads samples.npz back. With several
-processes every process samples every batch on its own devices and process 0 alone writes.
+are assembled and the batch files removed; a rerun of a finished job only reads samples.npz back. The sampler runs
+on a mesh of this process's devices shaped like `config.mesh` (weights split by `config.mesh.rules`: XXL and 3B fit
+chips that hold a share of them; sampling/placement.py). With several processes every process samples every batch
+on its own devices and process 0 alone writes (the evaluate job splits the samples between processes instead).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from absl import logging
 from par_jax.core import checkpoint as core_ckpt
 from par_jax.core import paths
 from par_jax.model import from_config_dict
+from par_jax.sampling import placement
 from par_jax.sampling.sampler import SampleSettings, Sampler, tokens_to_images
 from par_jax.utils import images as images_lib
 
@@ -101,12 +104,14 @@ def run(config, workdir: str, *, model=None, tokenizer=None) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         paths.check_writable(out_dir, "sample output folder")
+    mesh, rules = placement.from_config(config)  # config.mesh's shape over this process's devices
 
     if model is None:
         from par_jax.model.checkpoint import load_params  # noqa: PLC0415
         found = core_ckpt.resolve(sc.checkpoint or workdir, what="par_jax checkpoint")
         logging.info("restoring %s from %s", found.item, found.directory)
-        model = load_params(found.directory, wanted, item=found.item)
+        model = load_params(found.directory, wanted, item=found.item,
+                            shardings=placement.param_shardings(wanted, mesh, rules))
         source = f"{found.directory} ({found.item})"
     elif model.config.grid_shape != wanted.grid_shape or model.config.n != wanted.n:
         raise ValueError(f"the model was built for grid {model.config.grid_shape} with n={model.config.n}, but "
@@ -140,7 +145,7 @@ def run(config, workdir: str, *, model=None, tokenizer=None) -> dict:
                      num_batches - len(todo), num_batches, len(todo))
     padded = np.resize(labels, num_batches * batch)  # the last batch is filled up and trimmed afterwards
     if todo:
-        sampler = Sampler(model, settings, batch_size=batch)
+        sampler = Sampler(model, settings, batch_size=batch, mesh=mesh, rules=rules)
         logging.info("sampling %d images (%d batches of %d), %d steps each; compiling...", sc.num_images,
                      num_batches, batch, cfg.layout.num_steps)
         logging.info("compiled in %.1f s", sampler.compile())

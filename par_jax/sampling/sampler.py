@@ -34,7 +34,9 @@ import numpy as np
 from flax import nnx
 
 from par_jax import ordering
+from par_jax.core import sharding
 from par_jax.model.transformer import ParTransformer, check_range
+from par_jax.sampling import placement
 from par_jax.sampling.backend import Backend
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
@@ -97,6 +99,7 @@ class _Plan(NamedTuple):
     teacher_forced: bool  # feed given tokens and return logits (the parity check) instead of sampling
     cache_chunks: int     # scans per step width, each attending over a cache just long enough for its steps
     backend: Backend      # weight layout, attention and KV-cache layout
+    cache_sharding: Optional[jax.sharding.NamedSharding] = None  # each layer's k and v on a mesh (placement.py)
 
 
 class _Chunk(NamedTuple):
@@ -159,10 +162,15 @@ def draw(key, logits):
     One uniform number per token instead of `jax.random.categorical`'s V Gumbel numbers: the same distribution, and
     on CPU 3x cheaper for 16 tokens of a 16k vocabulary (random bits dominate otherwise). Entries at -inf are never
     drawn: the first index whose cumulative mass reaches u always carries mass.
+    key: one key, or one per image (B,) for logits (B, ..., V): image i's draws then depend on its own key only.
     """
     probs = jax.nn.softmax(logits, axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32) * cdf[..., -1:]
+    if key.ndim:
+        u = jax.vmap(lambda k: jax.random.uniform(k, logits.shape[1:-1] + (1,), jnp.float32))(key)
+    else:
+        u = jax.random.uniform(key, logits.shape[:-1] + (1,), jnp.float32)
+    u = u * cdf[..., -1:]
     return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1).astype(jnp.int32)
 
 
@@ -210,24 +218,33 @@ def _generate(model: ParTransformer, labels, key, guidance, stop_step, temperatu
         if plan.teacher_forced:
             new = jax.lax.dynamic_slice_in_dim(forced, start, width, axis=1)
         else:
-            new = _choose(logits, jax.random.fold_in(key, s), temperature, top_p, plan)
+            step_key = jax.vmap(jax.random.fold_in, (0, None))(key, s) if key.ndim else jax.random.fold_in(key, s)
+            new = _choose(logits, step_key, temperature, top_p, plan)
         # Position p predicts t_p: this step's outputs are t_start .. t_{start+width-1}.
         gen = jax.lax.dynamic_update_slice_in_dim(gen, new, start, axis=1)
         return (cache, gen), (logits if plan.teacher_forced else None)
 
     chunks = plan_chunks(layout, plan.cache_chunks)
     rows = batch * (2 if plan.guided else 1)
-    cache = plan.backend.init_cache(model, rows, chunks[0].cache_len)
+    cache = _placed(plan, plan.backend.init_cache(model, rows, chunks[0].cache_len))
     gen = jnp.zeros((batch, cfg.num_tokens), jnp.int32)
     all_logits = []
     for chunk in chunks:
-        cache = [c.grow(chunk.cache_len) for c in cache]
+        cache = _placed(plan, [c.grow(chunk.cache_len) for c in cache])
         xs = (jnp.asarray(chunk.starts, jnp.int32), jnp.asarray(chunk.steps, jnp.int32))
         (cache, gen), ys = jax.lax.scan(functools.partial(step, width=chunk.width), (cache, gen), xs)
         if plan.teacher_forced:
             all_logits.append(jnp.moveaxis(ys, 0, 1).reshape(batch, len(chunk.starts) * chunk.width, -1))
     logits = jnp.concatenate(all_logits, axis=1)[:, :cfg.num_tokens] if plan.teacher_forced else None
     return gen, logits
+
+
+def _placed(plan: _Plan, cache: list):
+    """The per-layer caches split over the mesh as plan.cache_sharding says (XLA keeps that through the scans)."""
+    if plan.cache_sharding is None:
+        return cache
+    put = lambda x: jax.lax.with_sharding_constraint(x, plan.cache_sharding)
+    return [dataclasses.replace(c, k=put(c.k), v=put(c.v)) for c in cache]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
@@ -243,16 +260,21 @@ def _generate_jit(state, labels, key, guidance, stop_step, temperature, top_p, f
 class Sampler:
     """A compiled sampler for one model, batch size and settings; reuse it to draw many batches.
 
-    With several local devices the batch is sharded over them (parameters replicated). `cache_chunks` trades compile
-    time for attention bytes (see `plan_chunks`). `attention` picks how steps attend over the cache
-    (backend.ATTENTION; default: the CPU kernel for float32 on one CPU device where it builds, else XLA's ops) and
-    `block_cols` the weights' column blocks (default: 256 on CPU, whole on accelerators), or `matmul` the CPU kernel for
-    the weight matmuls (backend.MATMUL; same default as attention); `describe()` says what was chosen and why.
+    `mesh` (a (data, fsdp, tensor) mesh of this process's devices: placement.local_mesh(config.mesh)) and `rules`
+    (the trainer's logical rules, config.mesh.rules; default sharding.DEFAULT_RULES) split the weights as in
+    training (heads, MLP units and vocabulary over `tensor`, the model dimension over `fsdp`), the batch over the
+    batch axes and the KV cache over batch and heads. Without a mesh and with several local devices the batch is
+    split over them and the weights are replicated. `cache_chunks` trades compile time for attention bytes (see
+    `plan_chunks`). `attention` picks how steps attend over the cache (backend.ATTENTION; default: the CPU kernel
+    for float32 on one CPU device where it builds, else XLA's ops) and `block_cols` the weights' column blocks
+    (default: 256 on CPU, whole on accelerators and where the mesh splits weights), or `matmul` the CPU kernel for the
+    weight matmuls (backend.MATMUL; same default as attention); `describe()` says what was chosen and why.
     """
 
     def __init__(self, model: ParTransformer, settings: SampleSettings = SampleSettings(), batch_size: int = 1,
-                 *, teacher_forced: bool = False, cache_chunks: int = 4, block_cols: Optional[int] = None,
-                 attention: Optional[str] = None, matmul: Optional[str] = None):
+                 *, mesh: Optional[jax.sharding.Mesh] = None, rules=None, teacher_forced: bool = False,
+                 cache_chunks: int = 4, block_cols: Optional[int] = None, attention: Optional[str] = None,
+                 matmul: Optional[str] = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}.")
         if cache_chunks < 1:
@@ -260,22 +282,34 @@ class Sampler:
         self.model = model
         self.config = model.config
         self.settings = settings
-        devices = jax.local_devices()
-        self.backend = Backend.choose(self.config.dtype, len(devices), attention, block_cols, matmul)
+        if mesh is None and jax.local_device_count() > 1:
+            mesh = placement.local_mesh()  # the batch over every local device, weights replicated
+        self.mesh, self.rules = mesh, sharding.rules_from_config(rules)
+        cache_sharding = None
+        if mesh is not None:
+            placement.check_mesh(mesh)
+            shards = placement.batch_shards(mesh, self.rules)
+            if batch_size % shards:
+                raise ValueError(f"batch_size={batch_size} must be a multiple of {shards}, the batch shards of the "
+                                 f"mesh {dict(mesh.shape)} (rules.batch={','.join(self.rules['batch'])}).")
+            if placement.shards_weights(nnx.state(model, nnx.Param), mesh, self.rules):
+                if block_cols:
+                    raise ValueError(f"block_cols={block_cols} cuts matrices into column blocks, which cannot keep "
+                                     f"the split of weights over the mesh {dict(mesh.shape)}; use block_cols=0.")
+                block_cols = 0
+        self.backend = Backend.choose(self.config.dtype, 1 if mesh is None else mesh.size, attention, block_cols,
+                                      matmul)
+        if mesh is not None:
+            rows = batch_size * (2 if settings.guided else 1)
+            shape = (rows, self.config.num_heads, self.config.head_dim, 1) if self.backend.seq_last else \
+                (rows, 1, self.config.num_heads, self.config.head_dim)
+            cache_sharding = placement.cache_sharding(mesh, self.rules, shape, self.backend.seq_last)
         self.plan = _Plan(batch=batch_size, guided=settings.guided, schedule=settings.guidance_schedule,
                           greedy=settings.temperature == 0, top_k=min(int(settings.top_k), self.config.vocab_size),
                           use_top_p=settings.top_p < 1.0, teacher_forced=teacher_forced, cache_chunks=cache_chunks,
-                          backend=self.backend)
-        self.mesh = None
-        if len(devices) > 1:
-            if batch_size % len(devices):
-                raise ValueError(f"batch_size={batch_size} must be a multiple of the {len(devices)} local devices "
-                                 f"(the batch is sharded over them).")
-            self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                                      devices=devices)
-        replicated = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self._graphdef, self.weights = self.backend.prepare(model, replicated)
-        self._compiled = None
+                          backend=self.backend, cache_sharding=cache_sharding)
+        self._graphdef, self.weights = self.backend.prepare(model, mesh, self.rules)
+        self._compiled = {}  # ahead-of-time programs by key kind (one per batch, one per image)
 
     def describe(self) -> dict:
         """The choices this sampler runs with (attention and why, weight blocks, KV-cache layout), e.g. for a log."""
@@ -284,7 +318,7 @@ class Sampler:
     def _batch_sharded(self, x):
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data")))
+        return jax.device_put(x, sharding.batch_sharding(self.mesh, self.rules, np.ndim(x)))
 
     def _args(self, labels, key, forced):
         s = self.settings
@@ -301,17 +335,25 @@ class Sampler:
                     hint=f"(0..{cfg.num_classes - 1}, or {cfg.null_class} for the unconditional null class)")
         if isinstance(key, int):
             key = jax.random.key(key)
-        args = self._args(self._batch_sharded(labels.astype(np.int32)), key, forced)
-        if self._compiled is not None:
-            return self._compiled(*args)
+        if key.shape not in ((), (self.plan.batch,)):
+            raise ValueError(f"key must be one PRNG key or one per image ({self.plan.batch},), got shape "
+                             f"{key.shape}.")
+        per_image = bool(key.ndim)
+        args = self._args(self._batch_sharded(labels.astype(np.int32)),
+                          self._batch_sharded(key) if per_image else key, forced)
+        if per_image in self._compiled:
+            return self._compiled[per_image](*args)
         return _generate_jit(*args, graphdef=self._graphdef, plan=self.plan)
 
-    def compile(self) -> float:
-        """Compile ahead of time (later calls run the compiled program); returns the seconds it took."""
+    def compile(self, per_image_keys: bool = False) -> float:
+        """Compile ahead of time (later calls with one key per batch, or per image, run the compiled program);
+        returns the seconds it took."""
         start = time.perf_counter()
         labels = self._batch_sharded(np.zeros((self.plan.batch,), np.int32))
-        args = self._args(labels, jax.random.key(0), self._batch_sharded(np.zeros(self._forced_shape, np.int32)))
-        self._compiled = _generate_jit.lower(*args, graphdef=self._graphdef, plan=self.plan).compile()
+        key = image_keys(jax.random.key(0), np.arange(self.plan.batch)) if per_image_keys else jax.random.key(0)
+        args = self._args(labels, self._batch_sharded(key) if per_image_keys else key,
+                          self._batch_sharded(np.zeros(self._forced_shape, np.int32)))
+        self._compiled[per_image_keys] = _generate_jit.lower(*args, graphdef=self._graphdef, plan=self.plan).compile()
         return time.perf_counter() - start
 
     @property
@@ -319,7 +361,8 @@ class Sampler:
         return (self.plan.batch, self.config.num_tokens if self.plan.teacher_forced else 1)
 
     def __call__(self, labels, key) -> jax.Array:
-        """Tokens int32 (B, N) in raster order for class ids `labels` (B,); `key` a PRNG key or an int seed."""
+        """Tokens int32 (B, N) in raster order for class ids `labels` (B,); `key` a PRNG key or an int seed, or one
+        key per image (B,) (`image_keys`: then an image's tokens do not depend on the batch it was drawn in)."""
         if self.plan.teacher_forced:
             raise ValueError("this Sampler was built with teacher_forced=True; call .score(tokens, labels).")
         tokens, _ = self._run(labels, key, self._batch_sharded(np.zeros(self._forced_shape, np.int32)))
@@ -341,6 +384,11 @@ class Sampler:
         forced = np.take(tokens.astype(np.int32), cfg.layout.perm, axis=1)
         _, logits = self._run(labels, jax.random.key(0), self._batch_sharded(forced))
         return logits
+
+
+def image_keys(key, indices) -> jax.Array:
+    """One PRNG key per image: fold_in(key, i) for each global sample index i in `indices` (B,)."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(indices, jnp.uint32))
 
 
 def sample(model: ParTransformer, labels, key, settings: SampleSettings = SampleSettings()) -> jax.Array:
