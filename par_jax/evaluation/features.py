@@ -35,14 +35,6 @@ def local_mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
-def process_share(num: int) -> tuple[int, int, int]:
-    """(start, end, share): the contiguous rows [start, end) of `num` that this process handles, and the largest
-    share of any process (every process runs that many rows' worth of batches, so collectives line up)."""
-    count, index = jax.process_count(), jax.process_index()
-    share = -(-num // count)
-    return min(index * share, num), min((index + 1) * share, num), share
-
-
 def gather(x: np.ndarray) -> np.ndarray:
     """Every process's rows of `x`, concatenated in process order, on every process (identity for one process)."""
     x = np.asarray(x)
@@ -77,7 +69,9 @@ class FeatureNetwork:
             raise ValueError(f"feature networks take RGB images (N, H, W, 3); got shape {images.shape}.")
         sharding = NamedSharding(local_mesh(), P("data"))
         outputs: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(images), self.batch_size):
+        # No images still runs one (padded) batch: empty outputs of the right shapes, which `gather` needs when one
+        # process's share of a round is empty.
+        for start in range(0, max(len(images), 1), self.batch_size):
             batch = images[start:start + self.batch_size]
             valid = len(batch)
             if valid < self.batch_size:

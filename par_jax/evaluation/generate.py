@@ -2,8 +2,8 @@
 
 Shared by the evaluate job, the evaluation plug-in and the sample-grid plug-in of the training loop: labels for a
 protocol (`make_labels`), the tokenizer check, the decoder (VQ decode -> the release's bicubic resize -> its uint8
-rule), and `generate`, which splits the labels over the processes, samples each share on its local devices and
-yields uint8 images.
+rule), and `generate`, which splits the labels over the processes (`process_batches`), samples each share on its
+local devices (or a mesh of them) and yields uint8 images.
 """
 
 from __future__ import annotations
@@ -79,27 +79,40 @@ def host_local(model: nnx.Module) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(whole, state))
 
 
+def process_batches(num: int, batch_size: int) -> list[np.ndarray]:
+    """This process's batches as global sample indices (each up to `batch_size` long; all < `num`).
+
+    Round r covers samples [r * B * P, (r + 1) * B * P) for P processes and batch size B, process p its p-th slice
+    of B: the shares are disjoint and cover every sample once, every process runs the same number of rounds (so
+    gathers line up; at the end a batch may be short or empty), and the batches of a round gathered in process order
+    are the samples in order, whatever the process count.
+    """
+    count, index = jax.process_count(), jax.process_index()
+    rounds = -(-num // (batch_size * count))
+    starts = [(r * count + index) * batch_size for r in range(rounds)]
+    return [np.arange(min(start, num), min(start + batch_size, num)) for start in starts]
+
+
 def generate(model, tokenizer, labels: np.ndarray, settings: sampling.SampleSettings, *, key: jax.Array,
-             batch_size: int, resolution: int, what: str = "samples") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+             batch_size: int, resolution: int, what: str = "samples", mesh: jax.sharding.Mesh | None = None,
+             rules=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield this process's (uint8 images (b, R, R, 3), labels (b,)) batch by batch.
 
-    Each process samples its own contiguous share of `labels` on its local devices (the Sampler shards a batch over
-    them), in the same number of batches on every process (so gathers line up; a short share yields short or empty
-    batches). With one process the batches cover `labels` in order. The batch starting at global sample i uses the
-    key fold_in(key, i): a run is reproducible for a given batch size and process count. Logs progress with
-    images/s and ETA.
+    Each process samples its share of `labels` (`process_batches`) on its local devices (the Sampler shards a batch
+    over them), or on `mesh`, a mesh of them, with the trainer's logical `rules` (sampling/placement.py). Sample i
+    draws with its own key fold_in(key, i), so its tokens do not depend on the batch size or the process count; the
+    batches of a round, gathered in process order, are the samples in order. Logs progress with images/s and ETA.
     """
     check_tokenizer(model.config, tokenizer)
-    start, end, share = features_lib.process_share(len(labels))
-    local = labels[start:end]
-    sampler = sampling.Sampler(host_local(model), settings, batch_size=batch_size)
+    sampler = sampling.Sampler(host_local(model), settings, batch_size=batch_size, mesh=mesh, rules=rules)
     decode = make_decoder(tokenizer, model.config.grid_shape, resolution)
     t0, total = time.time(), len(labels)
-    num_batches = -(-share // batch_size)
-    for b in range(num_batches):
-        part = local[b * batch_size:(b + 1) * batch_size]
+    batches = process_batches(total, batch_size)
+    for b, index in enumerate(batches):
+        part = labels[index]
         padded = np.concatenate([part, np.zeros(batch_size - len(part), np.int32)])
-        tokens = sampler(padded, jax.random.fold_in(key, start + b * batch_size))
+        first = index[0] if len(index) else total
+        tokens = sampler(padded, sampling.image_keys(key, np.arange(first, first + batch_size)))
         images = decode(tokens)[:len(part)]
         done = min(total, (b + 1) * batch_size * jax.process_count())
         elapsed = time.time() - t0

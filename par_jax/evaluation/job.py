@@ -6,6 +6,10 @@
    the devices, with progress and ETA; decode them with the tokenizer; resize them to the evaluation resolution with
    the release's bicubic resize; stream them into an ADM-compatible `samples.npz` (`arr_0` uint8 N x H x W x 3,
    `arr_1` labels) and save a PNG grid. Or, with `config.eval.samples`, score an existing .npz instead.
+   With several processes each samples its own share of the labels on a mesh of its own devices shaped like
+   `config.mesh` (weights split by `config.mesh.rules`, so XXL/3B fit), the images are gathered and process 0
+   writes the files; sample i is drawn with the key fold_in(key(seed), i), so the file is the same for any process
+   count.
 3. Compute the configured metrics and write them through CLU metric writers (scalars, the sample grid, the settings
    as hparams; TensorBoard under W/eval/<name>) and as `results.json`, which records every setting that changes the
    numbers: checkpoint, sampling settings, n and the order, seed, N, labels, resolution, reference, feature network.
@@ -97,6 +101,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         tokenizer_path = s.require_tokenizer()
         if not paths.exists(tokenizer_path):
             raise FileNotFoundError(f"tokenizer {tokenizer_path!r} does not exist.")
+        # The sampler's mesh: config.mesh's shape over this process's own devices (each samples its own share).
+        from par_jax.sampling import placement  # noqa: PLC0415
+        mesh, rules = placement.from_config(config)
     features_lib.check(s)
     network = features_lib.build(s)
     metrics.check_network(names, network)
@@ -129,7 +136,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         from par_jax import sampling, tokenizer as tokenizer_lib  # noqa: PLC0415
         from par_jax.model import checkpoint as model_ckpt  # noqa: PLC0415
 
-        model = model_ckpt.load_params(step_dir, item=item)
+        # Restored straight into their shards on the sampler's mesh.
+        model = model_ckpt.load_params(step_dir, item=item, shardings=placement.param_shardings(
+            model_ckpt.read_model_config(step_dir), mesh, rules))
         tokenizer = tokenizer_lib.load(tokenizer_path, codes_dir=pipeline.training_codes_dir(config))
         sample_settings = sampling.SampleSettings.from_config(config.sample)
         labels = generate.make_labels(s.num_samples, model.config.num_classes, s.labels, s.seed)
@@ -143,7 +152,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         try:
             for images, part in generate.generate(model, tokenizer, labels, sample_settings,
                                                   key=jax.random.key(s.seed), batch_size=s.batch_size,
-                                                  resolution=s.resolution):
+                                                  resolution=s.resolution, mesh=mesh, rules=rules):
                 collector.add(images, part, local=True)
                 if s.save_npz or not grid.full:  # the same decision on every process (gathers are collective)
                     images, part = features_lib.gather(images), features_lib.gather(part)
@@ -160,6 +169,7 @@ def run(config, workdir: str) -> dict[str, Any]:
             "sampling": _plain(dataclasses.asdict(sample_settings)),
             "n": model.config.n, "order": model.config.order_kind, "num_steps": model.config.layout.num_steps,
             "num_samples": len(labels), "batch_size": s.batch_size, "seed": s.seed,
+            "sampler_mesh": {k: int(v) for k, v in mesh.shape.items()},
             "labels": s.labels, "samples_file": str(out_dir / SAMPLES_FILE) if s.save_npz else "",
             "resolution": s.resolution or f"{height}x{width} (decoded size)",
             "resize": ("PyTorch bicubic (a=-0.75, align_corners=False, no antialias)" if s.resolution else "none")
