@@ -175,6 +175,13 @@ class Backend:
                           out_shardings=out)
         return nnx.graphdef(flat), prepare(graphdef, state, block_cols=self.block_cols, kernel=self._kernel)
 
+    def prepare_abstract(self, cfg) -> tuple[nnx.GraphDef, nnx.State]:
+        """What `prepare` gives for a model of `cfg`, as shapes only (no array is made): for compiling the sampler
+        ahead of time for devices this machine does not have."""
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: ParTransformer(cfg, rngs=nnx.Rngs(0))))
+        prepare = functools.partial(_prepare_jit, graphdef, block_cols=self.block_cols, kernel=self._kernel)
+        return nnx.graphdef(_flat_model(cfg)), jax.eval_shape(prepare, state)
+
 
 def _flat_model(cfg):
     """The abstract model with one buffer per layer (no scan, no remat: this is inference)."""

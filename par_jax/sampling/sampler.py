@@ -191,6 +191,29 @@ def _choose(logits, key, temperature, top_p, plan: _Plan):
     return jnp.take_along_axis(indices, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
 
 
+def _step(model: ParTransformer, plan: _Plan, consts, carry, xs, *, width: int):
+    """One sampling step, the body of every scan: feed `width` positions from `start`, draw (or, teacher-forced,
+    take) the tokens they predict. consts: (rows_labels, key, guidance, stop_step, temperature, top_p, forced);
+    carry: (per-layer caches, tokens (B, N) in generation order); xs: (start, step index)."""
+    rows_labels, key, guidance, stop_step, temperature, top_p, forced = consts
+    cache, gen = carry
+    start, s = xs
+    logits, cache = model.step(jnp.repeat(gen, 2, axis=0) if plan.guided else gen, rows_labels, cache, start,
+                               width)                               # (rows, width, V) float32
+    if plan.guided:
+        pair = logits.reshape(plan.batch, 2, width, -1)
+        scale = _guidance_scale(s, model.config.layout.num_steps, guidance, stop_step, plan.schedule)
+        logits = pair[:, 1] + scale * (pair[:, 0] - pair[:, 1])
+    if plan.teacher_forced:
+        new = jax.lax.dynamic_slice_in_dim(forced, start, width, axis=1)
+    else:
+        step_key = jax.vmap(jax.random.fold_in, (0, None))(key, s) if key.ndim else jax.random.fold_in(key, s)
+        new = _choose(logits, step_key, temperature, top_p, plan)
+    # Position p predicts t_p: this step's outputs are t_start .. t_{start+width-1}.
+    gen = jax.lax.dynamic_update_slice_in_dim(gen, new, start, axis=1)
+    return (cache, gen), (logits if plan.teacher_forced else None)
+
+
 def _generate(model: ParTransformer, labels, key, guidance, stop_step, temperature, top_p, forced, plan: _Plan):
     """Generate (or, teacher-forced, score) one batch. Returns (tokens (B, N) in generation order, logits or None).
 
@@ -198,33 +221,14 @@ def _generate(model: ParTransformer, labels, key, guidance, stop_step, temperatu
     plan.teacher_forced (else ignored).
     """
     cfg = model.config
-    layout = cfg.layout
-    num_steps = layout.num_steps
     batch = plan.batch
     if plan.guided:  # (label, null) pairs next to each other, so a batch sharded over devices keeps pairs together
         rows_labels = jnp.stack([labels, jnp.full_like(labels, cfg.null_class)], axis=1).reshape(2 * batch)
     else:
         rows_labels = labels
+    consts = (rows_labels, key, guidance, stop_step, temperature, top_p, forced)
 
-    def step(carry, xs, width: int):
-        cache, gen = carry
-        start, s = xs
-        logits, cache = model.step(jnp.repeat(gen, 2, axis=0) if plan.guided else gen, rows_labels, cache, start,
-                                   width)                               # (rows, width, V) float32
-        if plan.guided:
-            pair = logits.reshape(batch, 2, width, -1)
-            scale = _guidance_scale(s, num_steps, guidance, stop_step, plan.schedule)
-            logits = pair[:, 1] + scale * (pair[:, 0] - pair[:, 1])
-        if plan.teacher_forced:
-            new = jax.lax.dynamic_slice_in_dim(forced, start, width, axis=1)
-        else:
-            step_key = jax.vmap(jax.random.fold_in, (0, None))(key, s) if key.ndim else jax.random.fold_in(key, s)
-            new = _choose(logits, step_key, temperature, top_p, plan)
-        # Position p predicts t_p: this step's outputs are t_start .. t_{start+width-1}.
-        gen = jax.lax.dynamic_update_slice_in_dim(gen, new, start, axis=1)
-        return (cache, gen), (logits if plan.teacher_forced else None)
-
-    chunks = plan_chunks(layout, plan.cache_chunks)
+    chunks = plan_chunks(cfg.layout, plan.cache_chunks)
     rows = batch * (2 if plan.guided else 1)
     cache = _placed(plan, plan.backend.init_cache(model, rows, chunks[0].cache_len))
     gen = jnp.zeros((batch, cfg.num_tokens), jnp.int32)
@@ -232,7 +236,8 @@ def _generate(model: ParTransformer, labels, key, guidance, stop_step, temperatu
     for chunk in chunks:
         cache = _placed(plan, [c.grow(chunk.cache_len) for c in cache])
         xs = (jnp.asarray(chunk.starts, jnp.int32), jnp.asarray(chunk.steps, jnp.int32))
-        (cache, gen), ys = jax.lax.scan(functools.partial(step, width=chunk.width), (cache, gen), xs)
+        body = functools.partial(_step, model, plan, consts, width=chunk.width)
+        (cache, gen), ys = jax.lax.scan(body, (cache, gen), xs)
         if plan.teacher_forced:
             all_logits.append(jnp.moveaxis(ys, 0, 1).reshape(batch, len(chunk.starts) * chunk.width, -1))
     logits = jnp.concatenate(all_logits, axis=1)[:, :cfg.num_tokens] if plan.teacher_forced else None

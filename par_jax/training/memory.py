@@ -249,6 +249,16 @@ def target_devices(acc: Accelerator) -> list:
 _OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\)")
 
 
+def oom_temporaries(error: Exception) -> Optional[int]:
+    """The bytes of temporaries XLA said a program needs, from its out-of-memory compile error (on TPU:
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (60.31G) exceeds
+    available HBM (15.75G)."); None for any other error."""
+    found = _OOM.search(str(error))
+    if "RESOURCE_EXHAUSTED" not in str(error) or not found:
+        return None
+    return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " "))
+
+
 def compiled(config, acc: Accelerator, devices: Optional[list] = None) -> MemoryReport:
     """Compile the real train step (par_jax.training.train) for `acc`'s devices and read XLA's memory analysis.
     A program too big for the device fails to compile; the report then carries XLA's figure for the temporaries."""
@@ -266,10 +276,9 @@ def compiled(config, acc: Accelerator, devices: Optional[list] = None) -> Memory
     try:
         stats = lowered.compile().memory_analysis()
     except jax.errors.JaxRuntimeError as e:
-        found = _OOM.search(str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+        temp = oom_temporaries(e)
+        if temp is None:
             raise
-        temp = int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2) or " "))
         return report(temp, {"temporaries": temp}, note="does not compile: XLA ran out of device memory")
     parts = {"arguments": stats.argument_size_in_bytes,
              "outputs": stats.output_size_in_bytes - stats.alias_size_in_bytes,  # donated state is reused
