@@ -105,3 +105,19 @@ def test_rows_over_the_device_memory_are_skipped_and_failures_recorded(tmp_path,
     (failed,) = result["failed"]
     assert failed["job"] == "train XL" and "MemoryError" in failed["error"]
     assert result["memory"]["peak_bytes"] == 2**19 and "memory_stats" in result["memory"]["source"]
+
+
+def test_sampler_rows_run_on_one_chip_of_a_host_with_several(tmp_path):
+    """A TPU VM or GPU node has several local devices; the batch-1 rows must still run (on the first one)."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "acc"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    code = ("import sys, jax; from par_jax.bench import accelerator; assert jax.local_device_count() == 2; "
+            "assert accelerator.one_chip().devices.size == 1; accelerator.main(sys.argv)")
+    subprocess.run([sys.executable, "-c", code, f"--out={out}", "--tiny", "--sizes=XL", "--n=4", "--batches=1",
+                    "--parts=sample", "--runs=3"], env=env, check=True, cwd=repo, capture_output=True)
+    result = json.loads((out / "accelerator.json").read_text())
+    assert not result["failed"] and [r["batch"] for r in result["sampler"]] == [1]

@@ -129,13 +129,20 @@ def device_memory() -> dict | None:
     return {k: stats[k] for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
 
 
+def one_chip() -> jax.sharding.Mesh:
+    """A mesh of the first local device: the sampler rows measure one chip, also on a host with several (a TPU VM
+    has 4-8; without a mesh the sampler would split the batch over all of them and a batch of 1 could not run)."""
+    return mesh_lib.create_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+
+
 # ----- the rows -----
 
 def sampler_row(setup: Setup, role: str, n: int, batch: int, runs: int, card_bandwidth: float) -> dict:
     """One sampler configuration: compile, one warm-up call, `runs` timed calls (bench.sample.interleaved)."""
     cfg = setup.model_cfg(role, n)
     model = random_model(cfg)
-    sampler = Sampler(model, SampleSettings(guidance=GUIDANCE), batch_size=batch, cache_chunks=setup.cache_chunks)
+    sampler = Sampler(model, SampleSettings(guidance=GUIDANCE), batch_size=batch, cache_chunks=setup.cache_chunks,
+                      mesh=one_chip())
     compile_s = sampler.compile()
     labels = np.arange(batch, dtype=np.int32) % cfg.num_classes
     key = jax.random.key(0)
@@ -220,7 +227,7 @@ def logits_row(setup: Setup) -> dict:
     settings = SampleSettings(guidance=GUIDANCE)
     out = {}
     for name, model in (("float32", model32), (DTYPE, model16)):
-        sampler = Sampler(model, settings, 1, teacher_forced=True, cache_chunks=setup.cache_chunks)
+        sampler = Sampler(model, settings, 1, teacher_forced=True, cache_chunks=setup.cache_chunks, mesh=one_chip())
         out[name] = np.asarray(sampler.score(tokens, labels), np.float64)
     a, b = out["float32"], out[DTYPE]
     logp_a = a - _logsumexp(a)
