@@ -53,17 +53,17 @@ if mode == "two_processes":
     model = nnx.merge(graphdef, jax.tree.map(split, state))
     assert not all(x.is_fully_addressable for x in jax.tree.leaves(nnx.state(model)))
     grids.SampleGrid(config)(model, config, step=step, workdir=workdir)
-else:  # one process: the two processes' shares, sampled the way each of them does
+else:  # one process: the two processes' shares (samples 0-3 and 4-5, padded to 4), sampled the way each does
     vq = tokenizer_lib.load(tokenizer)
     labels = np.arange(num, dtype=np.int32) % 10
-    share = -(-num // 2)
     key = jax.random.fold_in(jax.random.key(config.sample.seed), step)
     sampler = sampling.Sampler(model, sampling.SampleSettings.from_config(config.sample), batch_size=4)
     decode = generate.make_decoder(vq, (8, 8), 0)
     parts = []
     for p in range(2):
-        part = labels[p * share:(p + 1) * share]
-        tokens = sampler(np.concatenate([part, np.zeros(4 - len(part), np.int32)]), jax.random.fold_in(key, p * share))
+        index = np.arange(4 * p, 4 * p + 4)  # sample i draws with its own key, fold_in(key, i)
+        part = labels[index[index < num]]
+        tokens = sampler(np.concatenate([part, np.zeros(4 - len(part), np.int32)]), sampling.image_keys(key, index))
         parts.append(decode(tokens)[:len(part)])
     grid = images_lib.make_grid(np.concatenate(parts), rows=int(np.sqrt(num)))
     images_lib.save_png(f"{workdir}/reference.png", grid)
