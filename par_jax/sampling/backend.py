@@ -34,6 +34,7 @@ ATTENTION = ("xla", "cpu_kernel")   # how a step attends over the cache: XLA's o
 MATMUL = ("xla", "cpu_kernel")      # how a step multiplies by the weights: XLA's dots, or cpu_matmul.cc
 CPU_BLOCK_COLS = 256                # fastest of 128/256/512/1024 on XLA:CPU
 _KERNEL_MISSING = "it is unavailable: "
+_KERNELS = {"attention": cpu_attention, "matmul": cpu_matmul}  # the CPU kernel behind each "cpu_kernel" choice
 
 
 def _platform() -> str:
@@ -54,13 +55,19 @@ def _cpu_kernel_unavailable(dtype, num_devices: int, kernel=cpu_attention) -> st
     return None
 
 
+def _check(what: str, choice: str, dtype, num_devices: int) -> None:
+    """A clear error for an attention or matmul choice (`what`) that cannot run here."""
+    options = ATTENTION if what == "attention" else MATMUL
+    if choice not in options:
+        raise ValueError(f"{what} must be one of {options}, got {choice!r}.")
+    reason = _cpu_kernel_unavailable(dtype, num_devices, _KERNELS[what]) if choice == "cpu_kernel" else None
+    if reason:
+        raise ValueError(f"{what}='cpu_kernel' cannot run here: {reason}; use {what}='xla'.")
+
+
 def check_attention(attention: str, dtype, num_devices: int) -> None:
     """A clear error for an attention choice that cannot run here."""
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
-    reason = _cpu_kernel_unavailable(dtype, num_devices) if attention == "cpu_kernel" else None
-    if reason:
-        raise ValueError(f"attention='cpu_kernel' cannot run here: {reason}; use attention='xla'.")
+    _check("attention", attention, dtype, num_devices)
 
 
 def default_block_cols() -> int:
@@ -74,11 +81,22 @@ def default_block_cols() -> int:
 
 def check_matmul(matmul: str, dtype, num_devices: int) -> None:
     """A clear error for a matmul choice that cannot run here."""
-    if matmul not in MATMUL:
-        raise ValueError(f"matmul must be one of {MATMUL}, got {matmul!r}.")
-    reason = _cpu_kernel_unavailable(dtype, num_devices, cpu_matmul) if matmul == "cpu_kernel" else None
-    if reason:
-        raise ValueError(f"matmul='cpu_kernel' cannot run here: {reason}; use matmul='xla'.")
+    _check("matmul", matmul, dtype, num_devices)
+
+
+def _choose(what: str, asked: Optional[str], dtype, num_devices: int) -> tuple[str, str]:
+    """(choice, why) for attention or matmul (`what`): `asked` if it can run here (else a clear error), by default
+    "cpu_kernel" where that kernel applies and builds, else "xla"; a default is logged once per process (a warning
+    where only the missing kernel made it "xla")."""
+    if asked is not None:
+        _check(what, asked, dtype, num_devices)
+        return asked, "asked for"
+    reason = _cpu_kernel_unavailable(dtype, num_devices, _KERNELS[what])
+    choice = "xla" if reason else "cpu_kernel"
+    why = (f"default; cpu_kernel not used: {reason}" if reason
+           else "default: CPU backend, float32, one device, kernel built")
+    _log_choice(what, choice, why, bool(reason) and reason.startswith(_KERNEL_MISSING))
+    return choice, why
 
 
 @functools.cache
@@ -116,26 +134,11 @@ class Backend:
         n = 4 / 16 (paired runs), and a compiled sampler's first call no longer builds XLA's dot runtimes
         (docs/benchmarks.md).
         """
-        if attention is None:
-            reason = _cpu_kernel_unavailable(dtype, num_devices)
-            attention = "xla" if reason else "cpu_kernel"
-            why = (f"default; cpu_kernel not used: {reason}" if reason
-                   else "default: CPU backend, float32, one device, kernel built")
-            _log_choice("attention", attention, why, bool(reason) and reason.startswith(_KERNEL_MISSING))
-        else:
-            check_attention(attention, dtype, num_devices)
-            why = "asked for"
+        attention, why = _choose("attention", attention, dtype, num_devices)
         if matmul is None and block_cols is not None:  # column blocks are a layout for XLA's dots
             matmul, matmul_why = "xla", "block_cols given: XLA's dots on column blocks"
-        elif matmul is None:
-            reason = _cpu_kernel_unavailable(dtype, num_devices, cpu_matmul)
-            matmul = "xla" if reason else "cpu_kernel"
-            matmul_why = (f"default; cpu_kernel not used: {reason}" if reason
-                          else "default: CPU backend, float32, one device, kernel built")
-            _log_choice("matmul", matmul, matmul_why, bool(reason) and reason.startswith(_KERNEL_MISSING))
         else:
-            check_matmul(matmul, dtype, num_devices)
-            matmul_why = "asked for"
+            matmul, matmul_why = _choose("matmul", matmul, dtype, num_devices)
         return cls(attention=attention, block_cols=default_block_cols() if block_cols is None else int(block_cols),
                    seq_last=_platform() == "cpu", attention_why=why, matmul=matmul, matmul_why=matmul_why)
 
