@@ -137,6 +137,17 @@ def frechet_distance(stats1: FeatureStats, stats2: FeatureStats) -> float:
     return max(float(diff @ diff + tr), 0.0)
 
 
+def frechet_video_distance(real_features, fake_features, *, min_samples: int | None = None) -> float:
+    """The Frechet distance of Gaussians fitted to two (N, D) sets of clip features.
+
+    FVD (Unterthiner et al. 2018) when the features are the Kinetics-400 I3D's 400 logits (evaluation/i3d.py); on
+    any other network's features it is that network's Frechet distance, not FVD, and is reported under another name.
+    """
+    real = feature_stats(real_features, min_samples=min_samples)
+    fake = feature_stats(fake_features, min_samples=min_samples)
+    return frechet_distance(real, fake)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inception Score
 # ----------------------------------------------------------------------------------------------------------------
