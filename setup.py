@@ -25,6 +25,9 @@ setuptools.setup(
         "safetensors",
         "numpy",
         "pillow",
+        # Video files for par_jax.data.video's folder source; imageio-ffmpeg's wheel carries the ffmpeg binary.
+        "imageio",
+        "imageio-ffmpeg",
         "matplotlib",
         "absl-py",
     ],
