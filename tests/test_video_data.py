@@ -2,6 +2,7 @@
 video sources (on files the tests write), GIFs, grids and frame strips. CPU, small, well under a minute."""
 
 import os
+import pickle
 
 import grain
 import numpy as np
@@ -57,6 +58,7 @@ def test_moving_fashion_mnist_clips_are_deterministic_per_seed_and_labelled_by_t
     assert other[7][1] == clips[7][1] and not np.array_equal(other[7][0], clips[7][0])
     with pytest.raises(IndexError):
         src[12]
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(src))[2][0], clips[2][0])  # grain workers get copies
 
 
 def test_the_whole_garment_stays_inside_the_canvas_and_bounces():
@@ -79,6 +81,9 @@ def test_the_whole_garment_stays_inside_the_canvas_and_bounces():
         assert set(steps.max(axis=0).tolist()) <= {1, 2, 3}
         reflected += int((np.diff(np.sign(np.diff(path, axis=0)), axis=0) != 0).any())
     assert reflected > len(src) // 2  # 40 frames on a 12 px track: most clips hit a wall
+    # The split seeds the motion too: test clip i does not move like train clip i.
+    test = video.MovingFashionMNIST("test", num_frames=40, images=ConstantImages(), seed=1)
+    assert sum(np.array_equal(test.trajectory(i), src.trajectory(i)) for i in range(len(src))) <= 1
 
 
 def test_moving_synthetic_needs_no_files_and_its_splits_differ():
@@ -164,8 +169,17 @@ def test_video_folder_source_decodes_mp4_and_gif_resizes_and_crops(tmp_path):
     rng = np.random.default_rng(0)
     starts = {int(round(src.clip(0, rng)[0][0, 8, 8, 0] / 10)) for _ in range(12)}  # run/c.mp4: 16 frames
     assert starts <= set(range(10)) and len(starts) > 2
-    whole = video.WholeVideos(src)
-    assert len(whole) == 3 and whole[2][0].shape == (9, 16, 16, 3)
+    assert src.video(2)[0].shape == (9, 16, 16, 3)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(src))[1][0], clip)
+    # Training clips in a grain pipeline: indices shuffled, then a random crop per clip, the same for the same seed.
+    def stream(seed):
+        ds = grain.MapDataset.range(len(src)).shuffle(seed=seed).random_map(video.RandomClips(src), seed=seed)
+        return [ds[i] for i in range(len(ds))]
+    first, again = stream(5), stream(5)
+    assert sorted(label for _, label in first) == [0, 1, 1]
+    for (clip, _), (clip2, _) in zip(first, again):
+        np.testing.assert_array_equal(clip, clip2)
+        assert clip.shape == (4, 16, 16, 3) and np.allclose(np.diff(clip[:, 8, 8, 0].astype(int)), 20, atol=4)
     long = video.VideoFolderSource(str(tmp_path), num_frames=6, frame_size=16, frame_stride=2)
     with pytest.raises(DataSourceError, match=r"b\.gif \(index 2\) has 9 frames; 6 frames every 2 need at least 11"):
         long[2]
@@ -213,6 +227,9 @@ def test_tfds_ucf101_source_reads_a_prepared_array_record_dataset(tmp_path):
     with pytest.raises(DataSourceError, match=rf"video {short} of tfds:ucf101/ucf101_1_256/train has 7 frames; "
                                               r"3 frames every 4 need at least 9"):
         longer[short]
+    src._stored_shape = (None, 128, 128, 3)  # as if the files had been written by another config
+    with pytest.raises(DataSourceError, match=r"frame 0 is 256x256 but the dataset declares 128x128 frames"):
+        src[0]
     with pytest.raises(DataSourceError, match="tfds build ucf101/ucf101_1 --file_format=array_record"):
         video.make_video_source("tfds:ucf101/ucf101_1", data_dir=str(tmp_path / "empty"))
 

@@ -11,8 +11,8 @@ frame by frame, then a temporal crop takes `num_frames` frames every `frame_stri
 
   evaluation  the crop starting at the first frame (`source[i]`): the same clip whatever the video's length, and the
               first frame, which a causal video tokenizer encodes alone, is the video's own first frame
-  training    a random start (`source.clip(i, rng)`; or in a grain pipeline, the whole videos of
-              `WholeVideos(source)` followed by `.random_map(RandomTemporalCrop(...))`)
+  training    a random start: `source.clip(i, rng)`, or in a grain pipeline
+              `grain.MapDataset.range(len(source)).shuffle(seed=s).random_map(RandomClips(source), seed=s)`
 
 A video too short for one crop ((num_frames - 1) * frame_stride + 1 frames) is an error naming it, unless the source
 was made with `short="pad"` (its last frame repeated). All sources are picklable and deterministic.
@@ -21,6 +21,7 @@ was made with `short="pad"` (its last frame repeated). All sources are picklable
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Protocol, Sequence
 
 import grain
@@ -63,39 +64,42 @@ def _check_crop(num_frames: int, frame_stride: int, short: str) -> None:
         raise ValueError(f"short must be one of {SHORT_POLICIES}, got {short!r}.")
 
 
-def temporal_crop(frames: np.ndarray, num_frames: int, frame_stride: int = 1, start: int = 0, *,
-                  short: str = "error", what: str = "video") -> np.ndarray:
-    """frames[start], frames[start + frame_stride], ... (num_frames of them).
+def crop_indices(length: int, num_frames: int, frame_stride: int = 1, start: int = 0, *, short: str = "error",
+                 what: str = "video") -> np.ndarray:
+    """Indices start, start + frame_stride, ... (num_frames of them) into a video of `length` frames.
 
     A video shorter than one crop raises DataSourceError naming `what`, its length and the length needed; with
-    short="pad" its last frame is repeated instead (then only start=0 fits).
+    short="pad" the indices past its end repeat its last frame instead (then only start=0 fits).
     """
     _check_crop(num_frames, frame_stride, short)
-    length, span = len(frames), crop_span(num_frames, frame_stride)
-    if length < span:
-        if short == "error" or length == 0:
-            raise DataSourceError(
-                f"{what} has {length} frames; {num_frames} frames every {frame_stride} need at least {span}. Use "
-                f"fewer frames or a smaller frame_stride, drop the video, or pass short='pad' to repeat its last "
-                f"frame.")
-        frames = np.concatenate([frames, np.repeat(frames[-1:], span - length, axis=0)])
-        length = span
-    if not 0 <= start <= length - span:
-        raise ValueError(f"crop start {start} outside [0, {length - span}] for {what} of {length} frames.")
-    return frames[start:start + span:frame_stride]
+    span = crop_span(num_frames, frame_stride)
+    if length < span and (short == "error" or length == 0):
+        raise DataSourceError(
+            f"{what} has {length} frames; {num_frames} frames every {frame_stride} need at least {span}. Use fewer "
+            f"frames or a smaller frame_stride, drop the video, or pass short='pad' to repeat its last frame.")
+    if not 0 <= start <= max(0, length - span):
+        raise ValueError(f"crop start {start} outside [0, {max(0, length - span)}] for {what} of {length} frames.")
+    return np.minimum(start + frame_stride * np.arange(num_frames), length - 1)
+
+
+def temporal_crop(frames: np.ndarray, num_frames: int, frame_stride: int = 1, start: int = 0, *,
+                  short: str = "error", what: str = "video") -> np.ndarray:
+    """frames[start], frames[start + frame_stride], ... (num_frames of them); see `crop_indices`."""
+    return np.asarray(frames)[crop_indices(len(frames), num_frames, frame_stride, start, short=short, what=what)]
 
 
 def random_crop_start(length: int, num_frames: int, frame_stride: int, rng: np.random.Generator) -> int:
-    """A uniform start among the crops that fit (0 when none or one fits; temporal_crop then judges)."""
+    """A uniform start among the crops that fit (0 when none or one fits; crop_indices then judges)."""
     return int(rng.integers(0, max(0, length - crop_span(num_frames, frame_stride)) + 1))
 
 
 class RandomTemporalCrop(grain.transforms.RandomMap):
-    """grain transform: `(whole video (L, S, S, 3), label)` -> `(random crop (num_frames, S, S, 3), label)`.
+    """grain transform on decoded videos: `(frames (L, H, W, 3), label)` -> `(random crop (num_frames, ...), label)`.
 
-        grain.MapDataset.source(WholeVideos(source)).shuffle(seed=0).random_map(RandomTemporalCrop(17), seed=1)
+        grain.MapDataset.source(videos).random_map(RandomTemporalCrop(17), seed=1)
 
-    grain hands `random_map` a generator seeded per element, so the stream is reproducible and resumable.
+    grain hands `random_map` a generator derived from the seed and the element's position, so the stream is
+    reproducible and resumable. For a video source, `RandomClips` does the same without decoding unused frames.
     """
 
     def __init__(self, num_frames: int, frame_stride: int = 1, *, short: str = "error"):
@@ -109,21 +113,23 @@ class RandomTemporalCrop(grain.transforms.RandomMap):
                              what=f"a video of class {label}"), label
 
 
-class WholeVideos:
-    """Random access to the whole (spatially resized) videos of a source: `[i] -> source.video(i)`, for grain."""
+class RandomClips(grain.transforms.RandomMap):
+    """grain transform from a video index to a training clip: `i -> source.clip(i, rng)`, a random temporal crop.
+
+        grain.MapDataset.range(len(source)).shuffle(seed=0).random_map(RandomClips(source), seed=1)
+
+    Indices travel through the shuffle (cheap), and only the crop's frames are resized.
+    """
 
     def __init__(self, source):
         self.source = source
 
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return self.source.video(index)
+    def random_map(self, index, rng: np.random.Generator):
+        return self.source.clip(int(index), rng)
 
 
 class _CroppedVideos:
-    """Shared by the real-video sources: `video(i)` gives every frame resized; this picks the crops."""
+    """Shared by the real-video sources: `_decode` gives raw frames; this crops them in time, then resizes."""
 
     name: str
     num_frames: int
@@ -137,18 +143,32 @@ class _CroppedVideos:
             raise ValueError(f"frame_size must be >= 1, got {frame_size}.")
         self.num_frames, self.frame_size, self.frame_stride, self.short = num_frames, frame_size, frame_stride, short
 
-    def video(self, index: int) -> tuple[np.ndarray, int]:
+    def _decode(self, index: int, stop: int | None = None) -> tuple[list[np.ndarray], int]:
+        """The video's first `stop` frames (all when None), at their stored size, and its label."""
         raise NotImplementedError
 
     def _what(self, index: int) -> str:
         return f"video {index} of {self.name}"
 
+    def _resized(self, frames) -> np.ndarray:
+        return np.stack([_resize_frame(np.asarray(f), self.frame_size) for f in frames])
+
+    def video(self, index: int) -> tuple[np.ndarray, int]:
+        """Every frame of video `index`, resized to frame_size (L, S, S, 3), and its label."""
+        frames, label = self._decode(index)
+        if not frames:
+            raise DataSourceError(f"{self._what(index)} has no frames.")
+        return self._resized(frames), label
+
     def clip(self, index: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
-        """The evaluation crop (rng None) or a random crop of video `index`, with its label."""
-        frames, label = self.video(index)
+        """The evaluation crop (rng None: from the first frame) or a random crop of video `index`, with its label."""
+        # The evaluation crop needs only the first frames: a folder source stops decoding there.
+        frames, label = self._decode(index, None if rng is not None else crop_span(self.num_frames,
+                                                                                    self.frame_stride))
         start = 0 if rng is None else random_crop_start(len(frames), self.num_frames, self.frame_stride, rng)
-        return temporal_crop(frames, self.num_frames, self.frame_stride, start, short=self.short,
-                             what=self._what(index)), label
+        picked = crop_indices(len(frames), self.num_frames, self.frame_stride, start, short=self.short,
+                              what=self._what(index))
+        return self._resized([frames[i] for i in picked]), label
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.clip(index)
@@ -190,8 +210,9 @@ class TfdsVideoSource(_CroppedVideos):
             raise DataSourceError(
                 f"tfds dataset {name!r} (split {split!r}) is not available in {builder.data_dir}: {e}\n"
                 f"Prepare it once in ArrayRecord format, e.g. `tfds build {name} --file_format=array_record "
-                f"--data_dir=DIR` (UCF-101 downloads 6.5 GB and needs ffmpeg), then pass that DIR as data_dir; or "
-                f"download=True on a machine with network."
+                f"--data_dir=DIR` (UCF-101 downloads 6.5 GB and needs `ffmpeg` on PATH; docs/data.md, 'Video "
+                f"sources'), then pass that DIR as data_dir (--config.data.tfds_data_dir=DIR); or download=True on a "
+                f"machine with network."
             ) from e
         features = builder.info.features
         if video_key not in features or label_key not in features:
@@ -205,21 +226,16 @@ class TfdsVideoSource(_CroppedVideos):
     def __len__(self) -> int:
         return len(self._data)
 
-    def video(self, index: int) -> tuple[np.ndarray, int]:
-        example = self._data[index]
-        frames = example[self._video_key]  # a list of decoded frames, or an array
+    def _decode(self, index: int, stop: int | None = None) -> tuple[list[np.ndarray], int]:
+        example = self._data[index]  # tfds decodes every frame of the video here (a list of arrays)
+        frames = [np.asarray(f) for f in example[self._video_key]]
         expected = self._stored_shape[1:3]
-        resized = []
         for t, frame in enumerate(frames):
-            frame = np.asarray(frame)
             if None not in expected and frame.shape[:2] != expected:
                 raise DataSourceError(f"{self._what(index)}: frame {t} is {frame.shape[0]}x{frame.shape[1]} but the "
                                       f"dataset declares {expected[0]}x{expected[1]} frames; it was written with "
                                       f"another config. Rebuild it with `tfds build`.")
-            resized.append(_resize_frame(frame, self.frame_size))
-        if not resized:
-            raise DataSourceError(f"{self._what(index)} has no frames.")
-        return np.stack(resized), int(example[self._label_key])
+        return frames[:stop], int(example[self._label_key])
 
     def __repr__(self) -> str:
         return f"TfdsVideoSource({self.name!r}, {len(self)} videos)"
@@ -231,7 +247,7 @@ class VideoFolderSource(_CroppedVideos):
     """`root/<class name>/<video files>` (.mp4 .avi .mov .mkv .webm .gif). Labels index the sorted class names.
 
     Containers are decoded by imageio's ffmpeg plugin (the binary ships in the imageio-ffmpeg wheel), GIFs by
-    pillow. Frames are resized as they are decoded, so a long video never sits in memory at full size.
+    pillow. The evaluation crop stops decoding after its last frame; a random crop decodes the whole video.
     """
 
     def __init__(self, root: str, *, num_frames: int = 17, frame_size: int = 32, frame_stride: int = 1,
@@ -264,29 +280,28 @@ class VideoFolderSource(_CroppedVideos):
     def _what(self, index: int) -> str:
         return f"video {os.path.join(self.root, self._files[index])} (index {index})"
 
-    def video(self, index: int) -> tuple[np.ndarray, int]:
+    def _decode(self, index: int, stop: int | None = None) -> tuple[list[np.ndarray], int]:
         import imageio.v3 as iio  # noqa: PLC0415 (only this source decodes video files)
 
         path = os.path.join(self.root, self._files[index])
         gif = path.lower().endswith(".gif")
-        resized, size = [], None
+        decoded: list[np.ndarray] = []
         try:
             # pillow hands GIF frames over as RGB (each frame composited); ffmpeg decodes containers to rgb24.
             frames = iio.imiter(path, plugin="pillow", mode="RGB") if gif else iio.imiter(path, plugin="FFMPEG")
             for t, frame in enumerate(frames):
-                if size is None:
-                    size = frame.shape[:2]
-                elif frame.shape[:2] != size:
+                if stop is not None and t >= stop:
+                    break
+                if decoded and frame.shape[:2] != decoded[0].shape[:2]:
                     raise DataSourceError(f"{self._what(index)}: frame {t} is {frame.shape[0]}x{frame.shape[1]}, "
-                                          f"frame 0 was {size[0]}x{size[1]}; a video's frames must share one size.")
-                resized.append(_resize_frame(np.asarray(frame, np.uint8), self.frame_size))
+                                          f"frame 0 was {decoded[0].shape[0]}x{decoded[0].shape[1]}; a video's "
+                                          f"frames must share one size.")
+                decoded.append(np.asarray(frame, np.uint8))
         except DataSourceError:
             raise
         except Exception as e:  # imageio and ffmpeg raise many types for damaged or unsupported files
             raise DataSourceError(f"cannot decode {self._what(index)}: {e}") from e
-        if not resized:
-            raise DataSourceError(f"{self._what(index)} has no frames.")
-        return np.stack(resized), int(self._labels[index])
+        return decoded, int(self._labels[index])
 
     def __repr__(self) -> str:
         return f"VideoFolderSource({self.root!r}, {len(self)} videos, {self.num_classes} classes)"
@@ -305,9 +320,10 @@ def _bounce(start: int, velocity: int, steps: int, limit: int) -> np.ndarray:
 class MovingFashionMNIST:
     """Clip i: image i of an image source (Fashion-MNIST by default) moving on a black canvas, its label the clip's.
 
-    The image is resized to `garment_size` and starts at a position drawn from `np.random.default_rng((seed, i))`
+    The image is resized to `garment_size` and starts at a position drawn from `default_rng((seed, crc32(split), i))`
     with a velocity of 1-3 px per frame in x and in y (each sign random), bouncing off the canvas walls, so the whole
-    garment is visible in every frame. A clip depends only on (seed, i, the image): any access order gives the same.
+    garment is visible in every frame. A clip depends only on (seed, split, i, the image): any access order, any
+    count, gives the same clip i.
     """
 
     def __init__(self, split: str = "train", *, num_frames: int = 17, frame_size: int = 32, garment_size: int = 20,
@@ -322,11 +338,11 @@ class MovingFashionMNIST:
             images = sources.fashion_mnist(split, data_dir=data_dir, download=download)
         if count < 0 or count > len(images):
             raise ValueError(f"count {count} outside [0, {len(images)}] (the images of {images.name}; 0 = all).")
-        self._images = images
+        self._images, self.split = images, split
         self._count = count or len(images)
         self.num_frames, self.frame_size, self.garment_size, self.seed = num_frames, frame_size, garment_size, seed
         self.num_classes, self.class_names = images.num_classes, tuple(images.class_names)
-        self.name = (f"{name}:{images.name}/{self._count}clips/{num_frames}x{frame_size}px/"
+        self.name = (f"{name}/{split}:{images.name}/{self._count}clips/{num_frames}x{frame_size}px/"
                      f"garment{garment_size}/seed{seed}")
 
     def __len__(self) -> int:
@@ -334,7 +350,8 @@ class MovingFashionMNIST:
 
     def trajectory(self, index: int) -> np.ndarray:
         """int (num_frames, 2): the garment's top-left corner (y, x) in every frame."""
-        rng = np.random.default_rng((self.seed, index))
+        # The split is in the seed too: test clip i must not move exactly like train clip i.
+        rng = np.random.default_rng((self.seed, zlib.crc32(self.split.encode()), index))
         limit = self.frame_size - self.garment_size
         start = rng.integers(0, limit + 1, size=2)
         velocity = rng.integers(1, 4, size=2) * rng.choice((-1, 1), size=2)
