@@ -81,6 +81,9 @@ def test_the_whole_garment_stays_inside_the_canvas_and_bounces():
         assert set(steps.max(axis=0).tolist()) <= {1, 2, 3}
         reflected += int((np.diff(np.sign(np.diff(path, axis=0)), axis=0) != 0).any())
     assert reflected > len(src) // 2  # 40 frames on a 12 px track: most clips hit a wall
+    # frame_stride 3 shows every third position of the same motion.
+    strided = video.MovingFashionMNIST(num_frames=14, frame_stride=3, images=ConstantImages(), seed=1)
+    np.testing.assert_array_equal(strided.trajectory(4), src.trajectory(4)[::3])
     # The split seeds the motion too: test clip i does not move like train clip i.
     test = video.MovingFashionMNIST("test", num_frames=40, images=ConstantImages(), seed=1)
     assert sum(np.array_equal(test.trajectory(i), src.trajectory(i)) for i in range(len(src))) <= 1
@@ -203,7 +206,8 @@ def test_tfds_ucf101_source_reads_a_prepared_array_record_dataset(tmp_path):
 
         def _split_generators(self, dl_manager):
             del dl_manager
-            return {"train": self._videos({"a": (10, 5), "b": (7, 42), "c": (12, 100)}), "test": self._videos({"d": (9, 7)})}
+            return {"train": self._videos({"a": (10, 5), "b": (7, 42), "c": (12, 100)}),
+                    "test": self._videos({"d": (9, 7)})}
 
         def _videos(self, spec):
             for key, (length, label) in spec.items():

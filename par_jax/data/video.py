@@ -309,11 +309,11 @@ class VideoFolderSource(_CroppedVideos):
 
 # --- Moving Fashion-MNIST --------------------------------------------------------------------------------------------
 
-def _bounce(start: int, velocity: int, steps: int, limit: int) -> np.ndarray:
+def _bounce(start: int, velocity: int, times: np.ndarray, limit: int) -> np.ndarray:
     """Positions start + velocity * t reflected into [0, limit]: a point bouncing off two walls, in closed form."""
     if limit == 0:
-        return np.zeros(steps, np.int64)
-    unfolded = np.mod(start + velocity * np.arange(steps), 2 * limit)
+        return np.zeros(len(times), np.int64)
+    unfolded = np.mod(start + velocity * times, 2 * limit)
     return np.where(unfolded <= limit, unfolded, 2 * limit - unfolded)
 
 
@@ -323,15 +323,15 @@ class MovingFashionMNIST:
     The image is resized to `garment_size` and starts at a position drawn from `default_rng((seed, crc32(split), i))`
     with a velocity of 1-3 px per frame in x and in y (each sign random), bouncing off the canvas walls, so the whole
     garment is visible in every frame. A clip depends only on (seed, split, i, the image): any access order, any
-    count, gives the same clip i.
+    count, gives the same clip i. `frame_stride` s shows every s-th step of the motion (frames at times 0, s, 2s...).
     """
 
     def __init__(self, split: str = "train", *, num_frames: int = 17, frame_size: int = 32, garment_size: int = 20,
-                 count: int = 0, seed: int = 0, images: sources.ImageSource | None = None,
+                 frame_stride: int = 1, count: int = 0, seed: int = 0, images: sources.ImageSource | None = None,
                  data_dir: str | None = None, download: bool = False, name: str = "moving_fashion_mnist"):
-        if num_frames < 1 or frame_size < 1 or garment_size < 1:
-            raise ValueError(f"num_frames, frame_size and garment_size must be >= 1, got {num_frames}, {frame_size} "
-                             f"and {garment_size}.")
+        if min(num_frames, frame_size, garment_size, frame_stride) < 1:
+            raise ValueError(f"num_frames, frame_size, garment_size and frame_stride must be >= 1, got {num_frames}, "
+                             f"{frame_size}, {garment_size} and {frame_stride}.")
         if garment_size > frame_size:
             raise ValueError(f"garment_size {garment_size} is larger than the frame ({frame_size} px); it must fit.")
         if images is None:
@@ -341,9 +341,10 @@ class MovingFashionMNIST:
         self._images, self.split = images, split
         self._count = count or len(images)
         self.num_frames, self.frame_size, self.garment_size, self.seed = num_frames, frame_size, garment_size, seed
+        self.frame_stride = frame_stride
         self.num_classes, self.class_names = images.num_classes, tuple(images.class_names)
         self.name = (f"{name}/{split}:{images.name}/{self._count}clips/{num_frames}x{frame_size}px/"
-                     f"garment{garment_size}/seed{seed}")
+                     f"garment{garment_size}/seed{seed}" + (f"/stride{frame_stride}" if frame_stride > 1 else ""))
 
     def __len__(self) -> int:
         return self._count
@@ -355,7 +356,8 @@ class MovingFashionMNIST:
         limit = self.frame_size - self.garment_size
         start = rng.integers(0, limit + 1, size=2)
         velocity = rng.integers(1, 4, size=2) * rng.choice((-1, 1), size=2)
-        return np.stack([_bounce(int(s), int(v), self.num_frames, limit) for s, v in zip(start, velocity)], axis=1)
+        times = self.frame_stride * np.arange(self.num_frames)
+        return np.stack([_bounce(int(s), int(v), times, limit) for s, v in zip(start, velocity)], axis=1)
 
     def video(self, index: int) -> tuple[np.ndarray, int]:
         if not 0 <= index < self._count:
@@ -393,19 +395,21 @@ def make_video_source(spec: str, *, split: str = "train", num_frames: int = 17, 
     """A video source from a spec string (see VIDEO_SPECS and the module docstring).
 
     `count` (0 = all), `seed` and `garment_size` (default 5/8 of frame_size: 20 px at 32) shape the moving sets only;
-    `frame_stride` and `short` the real videos only (a synthetic clip is exactly num_frames frames).
+    `short` the real videos only (a synthetic clip is never short).
     """
     kind, _, arg = spec.partition(":")
     garment = garment_size or max(1, round(frame_size * 5 / 8))
     if kind == "moving_fashion_mnist":
         images = sources.fashion_mnist_files(split, arg) if arg else None
         return MovingFashionMNIST(split, num_frames=num_frames, frame_size=frame_size, garment_size=garment,
-                                  count=count, seed=seed, images=images, data_dir=data_dir, download=download)
+                                  frame_stride=frame_stride, count=count, seed=seed, images=images, data_dir=data_dir,
+                                  download=download)
     if kind == "moving_synthetic" and not arg:
         # Images drawn per split with different seeds, so train and test clips differ.
         images = sources.SyntheticImages(count or 256, size=28, seed=seed * 2 + (split != "train"))
         return MovingFashionMNIST(split, num_frames=num_frames, frame_size=frame_size, garment_size=garment,
-                                  count=count, seed=seed, images=images, name="moving_synthetic")
+                                  frame_stride=frame_stride, count=count, seed=seed, images=images,
+                                  name="moving_synthetic")
     if kind == "tfds" and arg:
         return TfdsVideoSource(arg, split, data_dir=data_dir, download=download, num_frames=num_frames,
                                frame_size=frame_size, frame_stride=frame_stride, short=short)
