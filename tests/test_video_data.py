@@ -196,7 +196,7 @@ def test_video_folder_source_decodes_mp4_and_gif_resizes_and_crops(tmp_path):
 
 
 def test_tfds_ucf101_source_reads_a_prepared_array_record_dataset(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("tensorflow_datasets")
     from tensorflow_datasets.video import ucf101
 
     class SmallUcf101(ucf101.Ucf101, skip_registration=True):
