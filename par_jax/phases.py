@@ -119,7 +119,10 @@ def tokenizer_finished(directory) -> bool:
 
 def extract_codes(par, max_images: int = 0, split: str = "") -> dict:
     """Encode the first `max_images` images (0: all) of `par.data`'s image source (`split`, default
-    `par.data.split`) with `par.data.tokenizer` into `par.data.codes_dir`."""
+    `par.data.split`) with `par.data.tokenizer` into `par.data.codes_dir`. With `par.data.video_source` set, the
+    first `max_images` clips of that video source instead (`extract_video_codes`)."""
+    if par.data.get("video_source", ""):
+        return extract_video_codes(par, max_clips=max_images, split=split)
     from par_jax import tokenizer as tokenizer_lib  # noqa: PLC0415
     from par_jax.data import extract as extract_lib  # noqa: PLC0415
     from par_jax.data import sources as sources_lib  # noqa: PLC0415
@@ -136,6 +139,22 @@ def extract_codes(par, max_images: int = 0, split: str = "") -> dict:
     return {"images": len(source), "codes_dir": d.codes_dir, "metadata": str(meta)}
 
 
+def extract_video_codes(par, max_clips: int = 0, split: str = "") -> dict:
+    """Encode the first `max_clips` clips (0: all) of `par.data.video_source` (`split`, default `par.data.split`;
+    the fields are listed in par_jax/tokenizer/extract.py) with the video tokenizer `par.data.tokenizer` into
+    `par.data.codes_dir`; the clips' latent grid must be `par.model.grid_shape`."""
+    from par_jax import tokenizer as tokenizer_lib  # noqa: PLC0415
+    from par_jax.tokenizer import extract as extract_job  # noqa: PLC0415
+    d = par.data
+    extract_job.video_settings(d)  # bad numbers fail before anything is read
+    source = extract_job.make_video_source(d, split)
+    if max_clips:
+        source = Subset(source, int(max_clips))
+    tok = tokenizer_lib.load(d.tokenizer)
+    meta = extract_job.encode_video_source(par, source, tok, d.codes_dir, tokenizer_id=d.tokenizer)
+    return {"clips": len(source), "codes_dir": d.codes_dir, "metadata": str(meta)}
+
+
 def train_classifier(directory, steps: int) -> dict:
     """The offline Fashion-MNIST evaluation classifier (trained once, reused)."""
     from par_jax.evaluation import classifier as classifier_lib  # noqa: PLC0415
@@ -144,11 +163,13 @@ def train_classifier(directory, steps: int) -> dict:
 
 
 class Subset:
-    """The first `count` images of a source (quick runs)."""
+    """The first `count` images (or clips) of a source (quick runs)."""
 
     def __init__(self, source, count: int):
         self._source, self._count = source, min(count, len(source))
         self.name, self.num_classes, self.class_names = source.name, source.num_classes, source.class_names
+        if hasattr(source, "num_frames"):  # a video source: its clips' shape travels with it
+            self.num_frames, self.frame_size = source.num_frames, source.frame_size
 
     def __len__(self) -> int:
         return self._count

@@ -4,9 +4,15 @@ Layout of a codes directory:
   metadata.json                      grid shape, views, vocab, tokenizer, count, class names, the shard list
   codes-PPPPP-KKKKK.array_record     shard K written by process P; sorted names = the image source's order
 
-One record per image, little-endian bytes:
-  b"PARc" | label int32 | codes (num_views, h, w) in `dtype` (uint16 when the vocabulary fits, else int32)
+One record per image (or clip), little-endian bytes:
+  b"PARc" | label int32 | codes (num_views, *grid_shape) in `dtype` (uint16 when the vocabulary fits, else int32)
 Views follow `par_jax.data.views` (ten_crop: 4 corners + centre, then the same of the flipped image).
+
+Video codes (`grid_shape` (t, h, w): latent frames, rows, columns) hold one view per clip (views="clip", the
+source's evaluation temporal crop, no flips); `num_frames` is the clip's frame count, `image_size` its frame size,
+`source` the video source spec (`par_jax.data.video.make_video_source`), and `extra["frame_stride"]` the temporal
+stride the clips were read with. Image codes have num_frames 0; metadata written before video existed loads as it
+always did.
 
 A record that cannot be read, has the wrong length or holds out-of-range codes or labels raises `CorruptRecordError`
 naming the file and the record's position in it.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
+import math
 import os
 import struct
 from typing import Any, Iterable, Sequence
@@ -42,6 +49,10 @@ def shard_name(process_index: int, shard_index: int) -> str:
     return f"codes-{process_index:05d}-{shard_index:05d}.array_record"
 
 
+def grid_text(grid_shape: Sequence[int]) -> str:
+    return "x".join(str(int(g)) for g in grid_shape)
+
+
 def code_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "int32"
 
@@ -49,7 +60,7 @@ def code_dtype(vocab_size: int) -> str:
 @dataclasses.dataclass(frozen=True)
 class CodesMetadata:
     """What a codes directory holds. `shards` are (file name relative to the directory, record count)."""
-    grid_shape: tuple[int, int]
+    grid_shape: tuple[int, ...]         # (h, w) for images, (t, h, w) for video (latent frames first)
     num_views: int
     vocab_size: int
     num_classes: int
@@ -58,10 +69,11 @@ class CodesMetadata:
     tokenizer: str = ""                 # id of the tokenizer that made the codes (its path or name)
     views: str = ""                     # view kind (par_jax.data.views), e.g. "ten_crop"
     eval_view: int = 0                  # the unflipped centre view
-    image_size: int = 0
-    source: str = ""                    # the image source's name
+    image_size: int = 0                 # the views' side in pixels (video: the frame size)
+    source: str = ""                    # the image source's name (video: its spec, e.g. "moving_fashion_mnist")
     class_names: tuple[str, ...] = ()
     dtype: str = ""                     # filled from vocab_size when empty
+    num_frames: int = 0                 # video: frames per clip the codes were made from; images: 0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self):
@@ -71,8 +83,11 @@ class CodesMetadata:
         if not self.dtype:
             object.__setattr__(self, "dtype", code_dtype(self.vocab_size))
         problems = []
-        if len(self.grid_shape) != 2 or min(self.grid_shape) < 1:
-            problems.append(f"grid_shape {self.grid_shape} is not (h, w)")
+        if len(self.grid_shape) not in (2, 3) or min(self.grid_shape) < 1:
+            problems.append(f"grid_shape {self.grid_shape} is neither (h, w) for images nor (t, h, w) for video, "
+                            f"with every size positive")
+        if self.num_frames < 0 or (self.num_frames and len(self.grid_shape) != 3):
+            problems.append(f"num_frames {self.num_frames} needs a (t, h, w) grid_shape (0 for image codes)")
         if self.num_views < 1 or self.vocab_size < 2 or self.num_classes < 1:
             problems.append("num_views, vocab_size and num_classes must be positive")
         if self.dtype not in ("uint16", "int32") or np.iinfo(self.dtype).max < self.vocab_size - 1:
@@ -86,7 +101,16 @@ class CodesMetadata:
 
     @property
     def tokens_per_view(self) -> int:
-        return self.grid_shape[0] * self.grid_shape[1]
+        return math.prod(self.grid_shape)
+
+    @property
+    def is_video(self) -> bool:
+        return len(self.grid_shape) == 3
+
+    @property
+    def grid_text(self) -> str:
+        """The grid as people write it: "16x16", or "5x8x8" for video."""
+        return grid_text(self.grid_shape)
 
     @property
     def record_nbytes(self) -> int:
@@ -141,10 +165,11 @@ def encode_record(codes: np.ndarray, label: int, dtype: str) -> bytes:
 
 
 def decode_record(raw: bytes, meta: CodesMetadata) -> tuple[np.ndarray, np.int32]:
-    """bytes -> (codes (num_views, h, w) read-only view in meta.dtype, label). ValueError says what is wrong."""
+    """bytes -> (codes (num_views, *grid_shape) read-only view in meta.dtype, label). ValueError says what is
+    wrong."""
     if len(raw) != meta.record_nbytes:
         raise ValueError(f"record has {len(raw)} bytes but the metadata ({meta.num_views} views of "
-                         f"{meta.grid_shape[0]}x{meta.grid_shape[1]} {meta.dtype}) needs {meta.record_nbytes}")
+                         f"{meta.grid_text} {meta.dtype}) needs {meta.record_nbytes}")
     magic, label = _HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise ValueError(f"record does not start with {MAGIC!r} (found {magic!r}); not a par_jax codes record")
@@ -186,8 +211,8 @@ def check_local_path(directory: str) -> None:
 def write_codes(directory: str, records: Iterable[tuple[np.ndarray, int]], *, grid_shape: Sequence[int],
                 num_views: int, vocab_size: int, num_classes: int, records_per_shard: int = 10_000,
                 **metadata: Any) -> CodesMetadata:
-    """Writes (codes (num_views, h, w), label) pairs as a codes directory in one process (e.g. to import codes made
-    elsewhere). `metadata` sets the other CodesMetadata fields (tokenizer, views, source, ...)."""
+    """Writes (codes (num_views, *grid_shape), label) pairs as a codes directory in one process (e.g. to import
+    codes made elsewhere). `metadata` sets the other CodesMetadata fields (tokenizer, views, source, ...)."""
     check_local_path(directory)
     os.makedirs(directory, exist_ok=True)
     dtype = code_dtype(vocab_size)
@@ -223,7 +248,8 @@ def count_records(path: str) -> int:
 
 class CodesSource:
     """Random-access source of code records (a grain data source): `source[i]` ->
-    {"codes": (num_views, h, w), "label": int32}. Checks every shard's record count against the metadata on open."""
+    {"codes": (num_views, *grid_shape), "label": int32}. Checks every shard's record count against the metadata on
+    open."""
 
     def __init__(self, directory: str):
         check_local_path(directory)
@@ -346,7 +372,8 @@ class SyntheticCodes:
         rng = np.random.default_rng((self._seed, index))
         label = int(rng.integers(m.num_classes))
         grid = self._grids[label]
-        views = np.stack([np.roll(grid, v // 2, axis=1)[:, ::-1] if v % 2 else np.roll(grid, v // 2, axis=1)
+        # The last axis is the columns for image (h, w) and video (t, h, w) grids alike.
+        views = np.stack([np.roll(grid, v // 2, axis=-1)[..., ::-1] if v % 2 else np.roll(grid, v // 2, axis=-1)
                           for v in range(m.num_views)])
         replace = rng.random(views.shape) < self._noise
         views = np.where(replace, rng.integers(0, m.vocab_size, views.shape), views).astype(np.int32)

@@ -65,8 +65,15 @@ def check_compatible(meta: codes_lib.CodesMetadata, config, where: str) -> None:
     grid = tuple(int(g) for g in model.grid_shape)
     problems = []
     if meta.grid_shape != grid:
-        problems.append(f"the codes are {meta.grid_shape[0]}x{meta.grid_shape[1]} token grids but "
-                        f"config.model.grid_shape is {grid} (extract codes at the model's resolution, or change res)")
+        if len(meta.grid_shape) != len(grid):  # video codes for an image model, or the reverse
+            hint = (f"{'video' if meta.is_video else 'image'} codes need a model with a "
+                    f"{'(t, h, w)' if meta.is_video else '(h, w)'} grid_shape")
+        elif meta.is_video:
+            hint = ("extract codes with the model's num_frames and frame_size, or set config.model.grid_shape to "
+                    "the codes' grid")
+        else:
+            hint = "extract codes at the model's resolution, or change res"
+        problems.append(f"the codes are {meta.grid_text} token grids but config.model.grid_shape is {grid} ({hint})")
     if meta.vocab_size > model.vocab_size:
         problems.append(f"the tokenizer has {meta.vocab_size} codes but config.model.vocab_size is {model.vocab_size}")
     if meta.num_classes > model.num_classes:
@@ -83,7 +90,8 @@ def read_records(source, keys) -> list[dict[str, np.ndarray]]:
 
 
 class ReadBatch(grain.transforms.RandomMap):
-    """Record keys (B,) -> {"tokens": int32 (B, h*w) one random view each, "label": int32 (B,)}.
+    """Record keys (B,) -> {"tokens": int32 (B, N) one random view each (N = h*w, or t*h*w for video),
+    "label": int32 (B,)}.
 
     Works on whole batches: one batched ArrayRecord read and one generator per batch keep the per-sample Python
     cost small, and make a batch's content independent of how many threads or worker processes build batches."""
