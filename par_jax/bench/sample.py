@@ -2,6 +2,7 @@ r"""Sampling speed against floors measured in the same process.
 
     python -m par_jax.bench.sample --size=B --n=1,4,16 --grid=24x24 --batch=1 --guidance=1.5 --dtype=float32
     python -m par_jax.bench.sample --config=configs/par.py:size=B,res=384 --n=1,4,16 --dtype=float32
+    python -m par_jax.bench.sample --size=B --n=1,4,16 --grid=5x16x16    # video: 17 frames at 128 px (PAR_SPEC 14)
 
 The model and sampling settings come from the flags (--size, --grid, --vocab, --num_classes, --dtype, --n,
 --guidance, --temperature, --top_k, --top_p) or, with --config, from its `model` and `sample` blocks (an explicit
@@ -252,6 +253,7 @@ def bench_one(args, n: int, bandwidth: float, blas: dict) -> dict:
         "sampler": sampler.describe(), "steps": steps, "compile_s": compile_s,
         "s_per_batch": per_batch,
         "s_per_batch_runs": times, "ms_per_step": 1e3 * per_batch / steps, "images_per_s": args.batch / per_batch,
+        "s_per_sample": per_batch / args.batch,  # an image, or a whole clip for a (t, h, w) video grid
         "matmul_floor_s": matmul_floor, "matmul_floor_runs": floor_runs, "matmul_floor_by_form_s": floors,
         "vs_matmul_floor": statistics.median([t / f for t, f in zip(times, floor_runs)]),
         "vs_matmul_floor_of_medians": per_batch / matmul_floor, "steal_s_runs": steal,
@@ -366,8 +368,11 @@ def settings_from_flags(f: flags.FlagValues):
         args["grid"] = parse_grid(args["grid"])
         [int(x) for x in args["n"].split(",")]
     except ValueError:
-        raise config_args.UsageError(f"--grid is HxW (e.g. 24x24) and --n comma-separated integers; got "
-                                     f"{args['grid']!r} and {args['n']!r}.") from None
+        raise config_args.UsageError(f"--grid is HxW (e.g. 24x24) or TxHxW for video (e.g. 5x16x16) and --n "
+                                     f"comma-separated integers; got {args['grid']!r} and {args['n']!r}.") from None
+    if len(args["grid"]) not in (2, 3) or min(args["grid"]) < 1:
+        raise config_args.UsageError(f"--grid is HxW (e.g. 24x24) or TxHxW for video (e.g. 5x16x16), every size "
+                                     f"positive; got {'x'.join(map(str, args['grid']))}.")
     if args["release"]:
         release_lib.check_checkout(args["release"])
     return types.SimpleNamespace(**args)
@@ -423,6 +428,10 @@ def main(argv=None):
               f"{_fmt(r.get('torch_release_s_per_image_quoted'), '{:17.1f}', 17)}")
     print("x physical: over the larger of the bandwidth and flops floors; speed-up: the release's seconds over "
           "par_jax's, median of per-round ratios (same rounds, same weights)")
+    if len(args.grid) == 3:  # video: a sample is a whole clip of t latent frames
+        for r in rows:
+            print(f"n={r['n']}: {r['steps']} steps, {r['s_per_sample']:.3f} s per video ({args.grid[0]} latent "
+                  f"frames of {args.grid[1]}x{args.grid[2]} tokens)")
     for r in rows:
         print(f"n={r['n']}: first call of the compiled sampler {r['first_call_s']:.2f} s = "
               f"{r['first_call_vs_median']:.2f}x the median call; process CPU {r['first_call_cpu_s']:.2f} s vs "

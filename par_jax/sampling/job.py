@@ -10,6 +10,15 @@ is an error that lists the differences). Writes WORKDIR/samples/<name>/ (local o
     samples.npz    arr_0 images uint8 (N, H, W, 3) (with a tokenizer), arr_1 labels (N,), tokens (N, *grid)
     grid.png       the images (or, without a tokenizer, the token maps) in a grid, one row per class by default
 
+Video (a (t, h, w) grid_shape) with a video tokenizer: the tokens are decoded to clips, and the folder holds
+    samples.npz    arr_0 clips uint8 (N, T, H, W, 3), arr_1 labels (N,), tokens (N, t, h, w)
+    grid.gif       the clips tiled frame by frame, one row per class by default, looping
+    frames.png     the first clip of each grid row, its frames left to right
+The tokenizer must be a video tokenizer whose latent shape for the training clips is the model's grid (the clips'
+frames and size come from the training codes' metadata, else config.data.num_frames / frame_size, else the
+tokenizer's own); an image tokenizer on a video grid, or the reverse, is an error before anything is sampled.
+Without a tokenizer, grid.png shows each sample's token maps with its latent frames side by side.
+
 The output folder is created and checked first: an unwritable one is an error naming it before anything is loaded
 or sampled. Each batch is written to <name>/batches/ as it completes, so a rerun of an interrupted job skips the
 batches already there (and says so); the settings of the first run are recorded, and a rerun with different ones is
@@ -38,10 +47,13 @@ from par_jax.model import from_config_dict
 from par_jax.sampling import placement
 from par_jax.sampling.sampler import SampleSettings, Sampler, tokens_to_images
 from par_jax.utils import images as images_lib
+from par_jax.utils import video as video_lib
 
 SETTINGS_FILE = "settings.json"
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
+GIF_FILE = "grid.gif"        # video
+STRIP_FILE = "frames.png"    # video
 BATCHES_DIR = "batches"
 
 
@@ -89,8 +101,60 @@ def _load_tokenizer(path: str, config):
     return tokenizer.load(path, codes_dir=pipeline.training_codes_dir(config))
 
 
+def _clip_shape(config, tokenizer) -> tuple[int, int, str]:
+    """(frames per clip, frame size, where they came from) of the clips a video decoder was trained on."""
+    from par_jax.data import codes as codes_lib  # noqa: PLC0415
+    from par_jax.data import pipeline  # noqa: PLC0415
+    codes_dir = pipeline.training_codes_dir(config)
+    if codes_dir:
+        meta = codes_lib.CodesMetadata.load(codes_dir)
+        if meta.num_frames:
+            return meta.num_frames, meta.image_size, f"the training codes in {codes_dir}"
+    data = config.get("data") or {}
+    if data.get("video_source", "") and data.get("num_frames", 0) and data.get("frame_size", 0):
+        return int(data["num_frames"]), int(data["frame_size"]), "config.data.num_frames / frame_size"
+    tc = tokenizer.config
+    return int(tc.num_frames), int(tc.frame_size), "the tokenizer's own num_frames / frame_size"
+
+
+def check_tokenizer(tokenizer, grid_shape, config, tok_path: str = "") -> None:
+    """Fails before sampling when `tokenizer` cannot decode the model's grid: an image tokenizer for a (t, h, w)
+    video grid or a video tokenizer for an (h, w) image grid, or a video tokenizer whose latent shape for the
+    training clips is not the model's grid."""
+    grid = tuple(int(g) for g in grid_shape)
+    is_video = bool(getattr(tokenizer, "is_video", False))
+    name = f"the tokenizer {tok_path}" if tok_path else "the tokenizer"
+    if len(grid) == 3 and not is_video:
+        raise ValueError(f"this model generates {'x'.join(map(str, grid))} video grids but {name} is an image "
+                         f"tokenizer: decode with the video tokenizer its codes were made with "
+                         f"(--config.sample.tokenizer=PATH), or set --config.sample.tokenizer='' and "
+                         f"--config.data.tokenizer='' for token maps.")
+    if len(grid) == 2 and is_video:
+        raise ValueError(f"this model generates {grid[0]}x{grid[1]} image grids but {name} is a video tokenizer: "
+                         f"decode with the image tokenizer its codes were made with (--config.sample.tokenizer=PATH).")
+    if is_video:
+        num_frames, frame_size, origin = _clip_shape(config, tokenizer)
+        try:
+            latent = tuple(int(g) for g in tokenizer.config.latent_shape(num_frames, frame_size))
+        except ValueError as e:
+            raise ValueError(f"{name} cannot take the clips ({num_frames} frames of {frame_size} px, from "
+                             f"{origin}): {e}") from e
+        if latent != grid:
+            raise ValueError(f"{name} turns {num_frames} frames of {frame_size} px (from {origin}) into "
+                             f"{'x'.join(map(str, latent))} codes but the model generates "
+                             f"{'x'.join(map(str, grid))} grids: decode with the tokenizer the model's codes were "
+                             f"made with (--config.sample.tokenizer=PATH).")
+
+
+def tokens_to_clips(tokens, tokenizer, grid_shape) -> np.ndarray:
+    """Raster-order tokens (B, t*h*w) -> clips float (B, T, H, W, 3) in [-1, 1] through a video tokenizer."""
+    tokens = np.asarray(tokens)
+    return np.asarray(tokenizer.decode(jax.numpy.asarray(tokens.reshape(tokens.shape[0], *grid_shape))))
+
+
 def run(config, workdir: str, *, model=None, tokenizer=None) -> dict:
-    """Sample `config.sample.num_images` images; returns {"npz", "png", "tokens", "labels", "images"?}.
+    """Sample `config.sample.num_images` images (or clips); returns {"npz", "png", "tokens", "labels", "images"?}
+    and, for video decoded by a video tokenizer, "gif" and "clips" (uint8 (N, T, H, W, 3)).
 
     model / tokenizer: already loaded objects instead of checkpoints (tests, notebooks).
     """
@@ -122,8 +186,9 @@ def run(config, workdir: str, *, model=None, tokenizer=None) -> dict:
     tok_path = sc.get("tokenizer", "") or config.get("data", {}).get("tokenizer", "")
     if tokenizer is None:
         tokenizer = _load_tokenizer(tok_path, config)
-    if tokenizer is not None and len(cfg.grid_shape) != 2:
-        raise ValueError(f"a tokenizer decodes image grids; this model generates a {cfg.grid_shape} video grid.")
+    video = len(cfg.grid_shape) == 3
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, cfg.grid_shape, config, str(tok_path))
 
     labels, rows = parse_labels(sc.labels, sc.num_images, cfg.num_classes, sc.seed)
     batch = min(sc.batch_size, sc.num_images)
@@ -134,9 +199,13 @@ def run(config, workdir: str, *, model=None, tokenizer=None) -> dict:
               "seed": int(sc.seed), "labels": str(sc.labels)}
     _claim(out_dir, record, is_main)
     npz_path, png_path = out_dir / SAMPLES_FILE, out_dir / GRID_FILE
+    clips_out = video and tokenizer is not None
+    gif_path = out_dir / GIF_FILE if clips_out else None
+    if clips_out:
+        png_path = out_dir / STRIP_FILE
     if npz_path.exists():
         logging.info("%s is complete (all %d images); nothing to sample.", out_dir, sc.num_images)
-        return _result(npz_path, png_path)
+        return _result(npz_path, png_path, gif_path)
 
     batches = out_dir / BATCHES_DIR
     todo = [b for b in range(num_batches) if not _batch_path(batches, b).exists()]
@@ -154,7 +223,9 @@ def run(config, workdir: str, *, model=None, tokenizer=None) -> dict:
         for i, b in enumerate(todo):
             toks = sampler(padded[b * batch:(b + 1) * batch], jax.random.fold_in(key, b))
             arrays = {"tokens": np.asarray(toks), "labels": padded[b * batch:(b + 1) * batch]}
-            if tokenizer is not None:
+            if clips_out:
+                arrays["clips"] = np.asarray(images_lib.to_uint8(tokens_to_clips(toks, tokenizer, cfg.grid_shape)))
+            elif tokenizer is not None:
                 arrays["images"] = np.asarray(images_lib.to_uint8(tokens_to_images(toks, tokenizer, cfg.grid_shape)))
             if is_main:
                 _write_npz(_batch_path(batches, b), arrays)
@@ -164,10 +235,21 @@ def run(config, workdir: str, *, model=None, tokenizer=None) -> dict:
 
     # Every batch is on disk: assemble the outputs (on process 0), then drop the batch files.
     if not is_main:
-        return {"npz": str(npz_path), "png": str(png_path), "labels": labels}
+        return {"npz": str(npz_path), "png": str(png_path), "labels": labels,
+                **({"gif": str(gif_path)} if clips_out else {})}
     parts = [_read_npz(_batch_path(batches, b)) for b in range(num_batches)]
     tokens = np.concatenate([p["tokens"] for p in parts])[: sc.num_images]
     arrays = {"arr_1": labels, "tokens": tokens.reshape(-1, *cfg.grid_shape)}
+    if clips_out:
+        clips = arrays["arr_0"] = np.concatenate([p["clips"] for p in parts])[: sc.num_images]
+        video_lib.write_gif(video_lib.clip_grid(clips, rows), gif_path)
+        per_row = -(-len(clips) // rows)  # the grid's row length: its first clip per row (a class each by default)
+        video_lib.write_frame_strip(clips[::per_row], png_path)
+        _write_npz(npz_path, arrays)  # last, and atomically: its presence means the job is complete
+        paths.remove(batches)
+        logging.info("wrote %s, %s and %s", npz_path, gif_path, png_path)
+        return {"npz": str(npz_path), "png": str(png_path), "gif": str(gif_path), "tokens": tokens,
+                "labels": labels, "images": None, "clips": clips}
     if tokenizer is not None:
         arrays["arr_0"] = np.concatenate([p["images"] for p in parts])[: sc.num_images]
         pictures = arrays["arr_0"]
@@ -218,10 +300,14 @@ def _read_npz(path) -> dict:
         return {k: f[k] for k in f.files}
 
 
-def _result(npz_path, png_path) -> dict:
+def _result(npz_path, png_path, gif_path=None) -> dict:
     arrays = _read_npz(npz_path)
-    return {"npz": str(npz_path), "png": str(png_path), "tokens": arrays["tokens"].reshape(len(arrays["arr_1"]), -1),
-            "labels": arrays["arr_1"], "images": arrays.get("arr_0")}
+    result = {"npz": str(npz_path), "png": str(png_path),
+              "tokens": arrays["tokens"].reshape(len(arrays["arr_1"]), -1), "labels": arrays["arr_1"],
+              "images": arrays.get("arr_0")}
+    if gif_path is not None:  # video: arr_0 holds clips
+        result.update(gif=str(gif_path), images=None, clips=arrays.get("arr_0"))
+    return result
 
 
 def _run_name(sc, cfg) -> str:
