@@ -384,6 +384,8 @@ def _is_concrete(x) -> bool:
 class VQModel(nnx.Module):
     """encode: images (B, H, W, C) in [-1, 1] -> codes (B, H/f, W/f) int32; decode: codes -> images in [-1, 1]."""
 
+    is_video = False  # video tokenizers (video_vq.VideoVQModel) say True; callers branch on it, not on the class
+
     def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.encoder = Encoder(cfg, rngs)
