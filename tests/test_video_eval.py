@@ -155,3 +155,123 @@ def test_frechet_video_distance_matches_scipy_sqrtm():
         metrics.frechet_video_distance(real[:10], fake)
     with pytest.raises(ValueError, match="feature sizes differ"):
         metrics.frechet_video_distance(real, fake[:, :10])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The video classifier
+# ----------------------------------------------------------------------------------------------------------------
+
+def _toy_clips(n, frames=5, size=32, seed=0):
+    """Two classes that a per-frame look tells apart, moving at random: a 10x10 square (0) or a 4x14 bar (1)."""
+    rng = np.random.default_rng(seed)
+    clips = np.zeros((n, frames, size, size, 3), np.uint8)
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    for i, label in enumerate(labels):
+        h, w = (10, 10) if label == 0 else (4, 14)
+        y, x = rng.integers(0, size - 14, 2)
+        dy, dx = rng.integers(-2, 3, 2)
+        for t in range(frames):
+            yy, xx = np.clip(y + dy * t, 0, size - h), np.clip(x + dx * t, 0, size - w)
+            clips[i, t, yy:yy + h, xx:xx + w] = 200
+    return clips, labels
+
+
+@pytest.fixture(scope="module")
+def tiny_video_classifier(tmp_path_factory):
+    """(directory, model, metadata, settings, test set) of a video classifier trained for a few steps on toy clips."""
+    from par_jax.evaluation import video_classifier as vc
+    train_set, test_set = _toy_clips(64, seed=0), _toy_clips(40, seed=1)
+    settings = vc.TrainSettings(steps=40, batch_size=16, learning_rate=3e-3, log_every=20, train_frames=3)
+    directory = tmp_path_factory.mktemp("video_classifier") / "vc"
+    model, metadata = vc.load_or_train(directory, settings, data=(train_set, test_set))
+    return directory, model, metadata, settings, test_set
+
+
+def test_video_classifier_trains_saves_loads_and_gives_features(tmp_path, tiny_video_classifier):
+    from par_jax.evaluation import classifier, video_classifier as vc
+    directory, model, metadata, settings, test_set = tiny_video_classifier
+    assert metadata["test_accuracy"] >= 0.9 and metadata["test_clips"] == 40
+    assert [h["step"] for h in metadata["history"]] == [20, 40]
+
+    clips = jnp.asarray(test_set[0][:6])
+    out = model(clips)
+    assert out["pool"].shape == (6, vc.FEATURE_DIM) and out["logits"].shape == (6, vc.NUM_CLASSES)
+    np.testing.assert_allclose(np.asarray(model.features(clips)), np.asarray(out["pool"]), rtol=1e-6)
+    # Any clip length: the 3-frame training windows and the 5-frame test clips both work; frames are resized to 32.
+    assert model.features(jnp.asarray(test_set[0][:2, :1])).shape == (2, vc.FEATURE_DIM)
+    assert model.features(jnp.zeros((2, 4, 16, 16, 3), jnp.uint8)).shape == (2, vc.FEATURE_DIM)
+    with pytest.raises(ValueError, match="clips"):
+        model.features(jnp.zeros((2, 32, 32, 3), jnp.uint8))
+
+    again, meta = vc.load_or_train(directory, settings)  # loads, does not train (no source needed)
+    assert meta["test_accuracy"] == metadata["test_accuracy"] and meta["kind"] == "video_classifier"
+    np.testing.assert_allclose(np.asarray(again.features(clips)), np.asarray(out["pool"]), rtol=1e-5, atol=1e-6)
+
+    # An image classifier's folder is refused by name.
+    image_model = classifier.Classifier(rngs=__import__("flax").nnx.Rngs(0))
+    classifier.save(tmp_path / "image", image_model, {"test_accuracy": 0.5})
+    with pytest.raises(ValueError, match="not a video classifier"):
+        vc.load(tmp_path / "image")
+    with pytest.raises(FileNotFoundError, match="no video classifier"):
+        vc.load(tmp_path / "absent")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The evaluate job on a video decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_evaluate_job_on_a_video_decoder_writes_the_video_metrics(tmp_path, tiny_video_classifier):
+    """A tiny 3-D decoder and video tokenizer (random weights): sample, decode to clips, score against Moving
+    Fashion-MNIST clips in the video classifier's feature space, record; then score the written samples.npz again."""
+    from flax import nnx
+    from configs import par
+    from par_jax import tokenizer as tokenizer_lib
+    from par_jax.core import checkpoint as ckpt_lib
+    from par_jax.evaluation import generate, job
+    from par_jax.model import ParTransformer, checkpoint, model_config
+
+    vq_cfg = tokenizer_lib.video_vq_config("video", base_channels=8, channel_mult=(1, 2), z_channels=8,
+                                           codebook_size=64, codebook_dim=4, num_groups=4, temporal_downsample=2,
+                                           num_frames=5, frame_size=8)
+    tokenizer_dir = ckpt_lib.save_params(tmp_path / "tokenizer", tokenizer_lib.VideoVQModel(vq_cfg,
+                                                                                            rngs=nnx.Rngs(0)))
+    cfg = model_config("tiny", vocab_size=64, num_classes=10, grid_shape=vq_cfg.grid_shape, n=4, dtype="float32")
+    checkpoint.save_params(tmp_path / "decoder", ParTransformer(cfg, rngs=nnx.Rngs(1)))
+
+    config = par.get_config("runlocal")
+    config.eval.update(checkpoint=str(tmp_path / "decoder"), feature_network="video_classifier",
+                       classifier=str(tiny_video_classifier[0]), name="video", reference="moving_fashion_mnist",
+                       reference_split="test", reference_count=24, num_samples=12, batch_size=6, resolution=16,
+                       fid_min_samples=8, metrics="fvd,precision_recall,class_consistency", grid_images=4)
+    config.data.update(tokenizer=str(tokenizer_dir))
+    config.sample.update(temperature=1.0, top_k=16)
+
+    # A video decoder with an image feature network fails before anything is built or sampled.
+    config.eval.feature_network = "fmnist_classifier"
+    with pytest.raises(ValueError, match="makes clips, but .* is an image network"):
+        job.run(config, str(tmp_path / "work"))
+    config.eval.feature_network = "video_classifier"
+
+    record = job.run(config, str(tmp_path / "work"))
+    out = tmp_path / "work" / "eval" / "video"
+    m = record["metrics"]
+    assert set(m) == {"fd_video_classifier", "precision", "recall", "class_consistency"}
+    assert m["fd_video_classifier"] > 0 and all(np.isfinite(v) for v in m.values())
+    assert record["comparable_to_published"] is False
+    s = record["settings"]
+    assert s["video"] is True and s["num_frames"] == 5 and s["frame_size"] == "16x16"
+    assert s["feature_network"] == "video_classifier" and s["reference_count"] == 24
+    assert "moving_fashion_mnist" in s["reference"] and "5 frames at 8px" in s["reference"]
+    with np.load(out / "samples.npz") as f:
+        clips, labels = f["arr_0"], f["arr_1"]
+    assert clips.dtype == np.uint8 and clips.shape == (12, 5, 16, 16, 3)  # 8 px decoded, every frame resized
+    np.testing.assert_array_equal(labels, generate.make_labels(12, 10, "uniform", 0))
+    import json
+    assert json.loads((out / "results.json").read_text())["metrics"] == pytest.approx(m)
+    assert (out / "samples_grid.png").exists() and (out / "samples_grid.gif").read_bytes()[:4] == b"GIF8"
+
+    # The same clips scored from the file give the same numbers (the reference then read at the file's 16 px).
+    config.eval.update(samples=str(out / "samples.npz"), name="from_file")
+    again = job.run(config, str(tmp_path / "work"))
+    assert again["metrics"]["class_consistency"] == pytest.approx(m["class_consistency"])
+    assert again["settings"]["resolution"] == "16x16 (as in the file)"

@@ -1,10 +1,13 @@
 """Feature networks behind one interface, and feature extraction over batches of images.
 
 A `FeatureNetwork` maps uint8 images (B, H, W, 3) to a dict with `pool` (B, D) (FID, precision/recall) and the
-logits its Inception Score uses; Inception adds `spatial` (sFID). Two are built in:
+logits its Inception Score uses; Inception adds `spatial` (sFID). Video networks take uint8 clips (B, T, H, W, 3)
+instead, and name their Frechet distance (`frechet_key`). Four are built in:
 
   inception          the FID InceptionV3 (ADM-comparable once its weight file is given; see inception.py)
   fmnist_classifier  the project's Fashion-MNIST CNN (offline; numbers NOT comparable with ImageNet FID/IS)
+  i3d                the Kinetics-400 I3D of FVD (its 400 logits; needs its weight file; see i3d.py) -> `fvd`
+  video_classifier   the project's Moving Fashion-MNIST clip classifier (offline) -> `fd_video_classifier`
 
 Images are split over this process's devices along the batch (a 1-D `data` mesh, parameters replicated) in
 fixed-size padded batches, so each resolution compiles once; results come back to the host as NumPy.
@@ -25,7 +28,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from par_jax.core import paths
 from par_jax.evaluation import metrics
 
-NETWORKS = ("inception", "fmnist_classifier")
+NETWORKS = ("inception", "fmnist_classifier", "i3d", "video_classifier")
+VIDEO_NETWORKS = ("i3d", "video_classifier")
 
 
 def local_mesh() -> jax.sharding.Mesh:
@@ -61,12 +65,17 @@ class FeatureNetwork:
     label_space: str | None = None     # the dataset whose labels the logits predict (enables class consistency)
     comparable_to_published: bool = False
     info: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded (weights file, test accuracy, ...)
+    video: bool = False                # takes clips (N, T, H, W, 3) instead of images
+    frechet_key: str = "fid"           # the name its Frechet distance is reported under (video: fvd only for I3D)
 
     def __call__(self, images) -> dict[str, np.ndarray]:
-        """uint8 (N, H, W, 3) host images -> {output: (N, ...) NumPy}, in padded batches of `batch_size`."""
+        """uint8 (N, H, W, 3) host images (clips (N, T, H, W, 3) for a video network) -> {output: (N, ...) NumPy},
+        in padded batches of `batch_size`."""
         images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"feature networks take RGB images (N, H, W, 3); got shape {images.shape}.")
+        if images.ndim != (5 if self.video else 4) or images.shape[-1] != 3:
+            raise ValueError(f"the {self.name} feature network takes RGB "
+                             f"{'clips (N, T, H, W, 3)' if self.video else 'images (N, H, W, 3)'}; got shape "
+                             f"{images.shape}.")
         sharding = NamedSharding(local_mesh(), P("data"))
         outputs: dict[str, list[np.ndarray]] = {}
         # No images still runs one (padded) batch: empty outputs of the right shapes, which `gather` needs when one
@@ -129,10 +138,53 @@ def classifier_network(directory: str, *, batch_size: int = 256) -> FeatureNetwo
         info={"checkpoint": str(directory), "test_accuracy": metadata.get("test_accuracy")})
 
 
+def i3d_network(weights_path: str, *, batch_size: int = 8) -> FeatureNetwork:
+    from par_jax.evaluation import i3d  # noqa: PLC0415
+
+    if not weights_path:
+        raise ValueError(f"the i3d feature network (FVD) needs its weight file: set "
+                         f"--config.eval.i3d_weights=/path/to/{i3d.WEIGHTS_FILE} (docs/evaluation.md, 'Video'), or "
+                         f"use --config.eval.feature_network=video_classifier offline.")
+    model = i3d.load(weights_path)
+    apply, batch_size = _compile(model, batch_size)
+    # FVD's features are the 400 Kinetics logits, so they are both the Frechet features and the "logits".
+    return FeatureNetwork(
+        name="i3d_kinetics400", apply=lambda clips: _fvd_outputs(apply(clips)), batch_size=batch_size,
+        num_classes=i3d.NUM_CLASSES, comparable_to_published=True, video=True, frechet_key="fvd",
+        description=("Kinetics-400 I3D (pytorch-i3d rgb_imagenet weights) in Flax: frames TF1-bilinear to 224x224, "
+                     "[-1, 1], the 400 time-averaged logits as features (FVD, Unterthiner et al. 2018); comparable "
+                     "with published FVD up to the port's numerical differences and the clip protocol (frames, "
+                     "resolution, number of clips)."),
+        info={"weights": weights_path})
+
+
+def _fvd_outputs(out):
+    return {"pool": out["logits"], "logits": out["logits"]}
+
+
+def video_classifier_network(directory: str, *, batch_size: int = 64) -> FeatureNetwork:
+    from par_jax.evaluation import video_classifier  # noqa: PLC0415
+
+    model, metadata = video_classifier.load_or_train(directory)
+    apply, batch_size = _compile(model, batch_size)
+    return FeatureNetwork(
+        name="video_classifier", apply=apply, batch_size=batch_size, num_classes=video_classifier.NUM_CLASSES,
+        label_space="fashion_mnist", comparable_to_published=False, video=True, frechet_key="fd_video_classifier",
+        description=(f"par_jax Moving Fashion-MNIST clip classifier (test accuracy "
+                     f"{metadata.get('test_accuracy', float('nan')):.4f}): {video_classifier.FEATURE_DIM}-d "
+                     f"penultimate features and its logits. Its Frechet distance is NOT FVD (no I3D, no Kinetics): "
+                     f"offline numbers for comparing runs of this project."),
+        info={"checkpoint": str(directory), "test_accuracy": metadata.get("test_accuracy"),
+              "train_seconds": metadata.get("train_seconds")})
+
+
 def check(settings) -> None:
     """Cheap checks that the feature network named by the settings can be built (its weight file exists)."""
     if settings.feature_network not in NETWORKS:
         raise ValueError(f"unknown feature network {settings.feature_network!r}; choose one of {NETWORKS}.")
+    if settings.feature_network == "i3d" and not (settings.i3d_weights and paths.exists(settings.i3d_weights)):
+        raise FileNotFoundError(f"config.eval.i3d_weights={settings.i3d_weights!r} does not exist; the i3d feature "
+                                f"network (FVD) needs the I3D weight file (docs/evaluation.md, 'Video').")
     if settings.feature_network == "inception" and not (settings.inception_weights and
                                                         paths.exists(settings.inception_weights)):
         raise FileNotFoundError(f"config.eval.inception_weights={settings.inception_weights!r} does not exist; the "
@@ -146,6 +198,10 @@ def build(settings) -> FeatureNetwork:
         return inception_network(settings.inception_weights, batch_size=settings.feature_batch_size)
     if name == "fmnist_classifier":
         return classifier_network(settings.classifier, batch_size=settings.feature_batch_size)
+    if name == "i3d":
+        return i3d_network(settings.i3d_weights, batch_size=settings.feature_batch_size)
+    if name == "video_classifier":
+        return video_classifier_network(settings.classifier, batch_size=settings.feature_batch_size)
     raise ValueError(f"unknown feature network {name!r}; choose one of {NETWORKS}.")
 
 

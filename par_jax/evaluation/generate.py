@@ -3,7 +3,8 @@
 Shared by the evaluate job, the evaluation plug-in and the sample-grid plug-in of the training loop: labels for a
 protocol (`make_labels`), the tokenizer check, the decoder (VQ decode -> the release's bicubic resize -> its uint8
 rule), and `generate`, which splits the labels over the processes (`process_batches`), samples each share on its
-local devices (or a mesh of them) and yields uint8 images.
+local devices (or a mesh of them) and yields uint8 images. A decoder with a 3-D grid (T', H', W') is decoded by a
+video tokenizer (`is_video`) into uint8 clips (b, T, H, W, 3), each frame resized like an image.
 """
 
 from __future__ import annotations
@@ -42,12 +43,30 @@ def check_tokenizer(model_config, tokenizer) -> None:
         raise ValueError(f"the tokenizer has {vq.codebook_size} codes but the model's vocabulary is "
                          f"{model_config.vocab_size}; use the tokenizer the training codes were extracted with "
                          f"(config.data.tokenizer).")
-    if len(model_config.grid_shape) != 2:
-        raise ValueError(f"image evaluation needs a 2-D token grid; the model has {model_config.grid_shape}.")
+    video = bool(getattr(tokenizer, "is_video", False))
+    if video and len(model_config.grid_shape) != 3:
+        raise ValueError(f"a video tokenizer decodes (frames, height, width) code grids; the model's grid is "
+                         f"{model_config.grid_shape}: decode an image decoder's samples with an image tokenizer.")
+    if not video and len(model_config.grid_shape) != 2:
+        raise ValueError(f"image evaluation needs a 2-D token grid; the model has {model_config.grid_shape}"
+                         + (" (a video decoder: set config.data.tokenizer to its video tokenizer)."
+                            if len(model_config.grid_shape) == 3 else "."))
+
+
+def sample_shape(model_config, tokenizer, resolution: int) -> tuple[int, ...]:
+    """Shape of one decoded sample after the resize: (R, R, 3) for images, (T, R, R, 3) for video clips (R is the
+    decoded size when `resolution` is 0). Computed abstractly: nothing is decoded."""
+    check_tokenizer(model_config, tokenizer)
+    codes = jax.ShapeDtypeStruct((1, *model_config.grid_shape), np.int32)
+    shape = tuple(jax.eval_shape(lambda c: tokenizer.decode(c), codes).shape[1:])
+    if resolution:
+        shape = (*shape[:-3], resolution, resolution, shape[-1])
+    return shape
 
 
 def make_decoder(tokenizer, grid_shape, resolution: int) -> Callable[[jax.Array], np.ndarray]:
-    """Raster tokens (B, N) -> uint8 images (B, R, R, 3): VQ decode, the release's bicubic resize, its uint8 rule."""
+    """Raster tokens (B, N) -> uint8 images (B, R, R, 3): VQ decode, the release's bicubic resize, its uint8 rule.
+    With a video tokenizer and a (T', H', W') grid: uint8 clips (B, T, R, R, 3), every frame resized alike."""
     graphdef, state = nnx.split(tokenizer)
     state = jax.device_put(state, NamedSharding(features_lib.local_mesh(), P()))
     return lambda tokens: np.asarray(_decode(graphdef, tuple(grid_shape), int(resolution), state, tokens))
@@ -57,7 +76,11 @@ def make_decoder(tokenizer, grid_shape, resolution: int) -> Callable[[jax.Array]
 def _decode(graphdef, grid_shape, resolution, state, tokens):
     # Module-level so that repeated evaluations during training reuse the compiled program.
     images = nnx.merge(graphdef, state).decode(tokens.reshape(tokens.shape[0], *grid_shape))
-    if resolution:
+    if resolution and images.ndim == 5:  # clips: frames resized one by one, as images are
+        b, t = images.shape[:2]
+        frames = resize.resize_bicubic(images.reshape(b * t, *images.shape[2:]), resolution)
+        images = frames.reshape(b, t, *frames.shape[1:])
+    elif resolution:
         images = resize.resize_bicubic(images, resolution)
     return resize.to_uint8(images)
 
@@ -96,7 +119,8 @@ def process_batches(num: int, batch_size: int) -> list[np.ndarray]:
 def generate(model, tokenizer, labels: np.ndarray, settings: sampling.SampleSettings, *, key: jax.Array,
              batch_size: int, resolution: int, what: str = "samples", mesh: jax.sharding.Mesh | None = None,
              rules=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield this process's (uint8 images (b, R, R, 3), labels (b,)) batch by batch.
+    """Yield this process's (uint8 images (b, R, R, 3), labels (b,)) batch by batch; with a video tokenizer and a
+    3-D grid the images are clips (b, T, R, R, 3).
 
     Each process samples its share of `labels` (`process_batches`) on its local devices (the Sampler shards a batch
     over them), or on `mesh`, a mesh of them, with the trainer's logical `rules` (sampling/placement.py). Sample i

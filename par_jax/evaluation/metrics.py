@@ -285,17 +285,33 @@ def _class_consistency(samples, reference, network, settings) -> dict[str, float
     return {"class_consistency": class_consistency(samples.logits, samples.labels)}
 
 
+def _video_frechet(samples, reference, network, settings) -> dict[str, float]:
+    # Named by the network: `fvd` only on I3D features; the video classifier's is `fd_video_classifier`.
+    kw = {"min_samples": settings.min_samples}
+    return {network.frechet_key: frechet_distance(samples.stats("pool", **kw), reference.stats("pool", **kw))}
+
+
 METRICS = {
     "fid": _fid,                              # Frechet distance of pool features (FID with Inception)
     "sfid": _sfid,                            # Frechet distance of Inception's spatial features (ADM's sFID)
     "is": _inception_score,                   # Inception Score (mean and std over splits of is_split_size)
     "precision_recall": _precision_recall,    # k-NN manifold precision and recall (k = pr_k, 3 as in ADM)
     "class_consistency": _class_consistency,  # the network's classifier on samples against their requested labels
+    "fvd": _video_frechet,                    # video: Frechet distance of clip features (FVD with I3D)
 }
+IMAGE_ONLY = ("fid", "sfid", "is")           # metrics of image feature networks
+VIDEO_ONLY = ("fvd",)                        # metrics of video feature networks
 
 
 def check_network(names, network) -> None:
     """Fail before any sampling when a requested metric cannot be computed with this feature network."""
+    video = bool(getattr(network, "video", False))
+    wrong = [m for m in names if m in (IMAGE_ONLY if video else VIDEO_ONLY)]
+    if wrong:
+        kind, other = ("video", "image") if video else ("image", "video")
+        fits = [m for m in METRICS if m not in (IMAGE_ONLY if video else VIDEO_ONLY)]
+        raise ValueError(f"config.eval.metrics {wrong} are {other} metrics, but {network.name} is a {kind} "
+                         f"feature network; choose from {fits}.")
     if "sfid" in names and not network.has_spatial:
         raise ValueError(f"sfid needs spatial features, which the {network.name} network lacks; drop 'sfid' from "
                          f"config.eval.metrics.")

@@ -28,6 +28,7 @@ class EvalSettings:
     resolution: int = 256            # 0 = keep the decoded size
     feature_network: str = "inception"
     inception_weights: str = ""
+    i3d_weights: str = ""            # the Kinetics-400 I3D weight file (feature_network="i3d", FVD)
     classifier: str = "workdirs/fmnist_classifier"
     feature_batch_size: int = 64
     reference: str = ""              # an ADM reference .npz or an image source spec
