@@ -125,14 +125,14 @@ def test_clips_extracted_equal_the_tokenizers_codes(video_tok, tmp_path):
     assert [int(codes[i]["label"]) for i in range(5)] == [source[i][1] for i in range(5)]
     # The codes name their tokenizer: decoding with it passes the check, with another it does not.
     tokenizer_lib.check_codes_tokenizer(tok, str(tmp_path))
-    # A restart skips the complete shards and gives the same codes.
-    first = (tmp_path / codes_lib.shard_name(0, 0)).stat().st_mtime_ns
-    os.remove(tmp_path / codes_lib.shard_name(0, 1))
-    extract.extract_video_codes(tok, source, str(tmp_path), batch_size=2, records_per_shard=3, tokenizer_id=path,
-                                tokenizer_fingerprint=tokenizer_lib.fingerprint(tok), source_spec="moving_synthetic",
-                                log_every_s=0)
-    assert (tmp_path / codes_lib.shard_name(0, 0)).stat().st_mtime_ns == first
-    np.testing.assert_array_equal(codes_lib.CodesSource(str(tmp_path))[4]["codes"][0], got[4])
+    # A rerun with the same settings finds every shard complete and encodes nothing; other settings are refused.
+    stamps = [(tmp_path / f).stat().st_mtime_ns for f, _ in meta.shards]
+    kwargs = dict(batch_size=2, records_per_shard=3, tokenizer_id=path, source_spec="moving_synthetic",
+                  tokenizer_fingerprint=tokenizer_lib.fingerprint(tok), log_every_s=0)
+    assert extract.extract_video_codes(tok, source, str(tmp_path), **kwargs) == meta
+    assert [(tmp_path / f).stat().st_mtime_ns for f, _ in meta.shards] == stamps
+    with pytest.raises(ValueError, match="holds codes from another extraction"):
+        extract.extract_video_codes(tok, source, str(tmp_path), **{**kwargs, "frame_stride": 2})
 
 
 def test_clips_that_do_not_fit_the_tokenizer_fail_before_encoding(video_tok, tmp_path):
@@ -144,9 +144,10 @@ def test_clips_that_do_not_fit_the_tokenizer_fail_before_encoding(video_tok, tmp
         extract.extract_video_codes(tok, clip_source(2, frame_size=24), out)
     with pytest.raises(ValueError, match=r"into 2x4x4 codes but the model expects \(3, 4, 4\)"):
         extract.extract_video_codes(tok, clip_source(2), out, expected_grid_shape=(3, 4, 4))
-    image_tok = tokenizer_lib.VQModel(tokenizer_lib.VQConfig(
+    # An image tokenizer (abstract weights: it is refused before it computes anything).
+    image_tok = nnx.eval_shape(lambda: tokenizer_lib.VQModel(tokenizer_lib.VQConfig(
         image_size=SIZE, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(), z_channels=8,
-        codebook_size=16, codebook_dim=4, num_groups=4), rngs=nnx.Rngs(0))
+        codebook_size=16, codebook_dim=4, num_groups=4), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="needs a video tokenizer, but this one is an image tokenizer"):
         extract.extract_video_codes(image_tok, clip_source(2), out)
 

@@ -108,9 +108,10 @@ def test_a_tokenizer_that_cannot_decode_the_grid_is_refused_before_sampling(vide
         model = types.SimpleNamespace(config=from_config_dict(config.model))  # the check runs before any sampling
         return job.run(config, str(tmp_path / "x".join(map(str, grid))), model=model, tokenizer=tokenizer)
 
-    image_tok = tokenizer_lib.VQModel(tokenizer_lib.VQConfig(
+    # An image tokenizer (abstract weights: it is refused before it computes anything).
+    image_tok = nnx.eval_shape(lambda: tokenizer_lib.VQModel(tokenizer_lib.VQConfig(
         image_size=SIZE, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(), z_channels=8,
-        codebook_size=16, codebook_dim=4, num_groups=4), rngs=nnx.Rngs(0))
+        codebook_size=16, codebook_dim=4, num_groups=4), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"generates 2x4x4 video grids but the tokenizer is an image tokenizer"):
         run(GRID, image_tok)
     with pytest.raises(ValueError, match=r"generates 4x4 image grids but the tokenizer is a video tokenizer"):
