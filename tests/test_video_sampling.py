@@ -126,3 +126,15 @@ def test_a_tokenizer_that_cannot_decode_the_grid_is_refused_before_sampling(vide
     with pytest.raises(ValueError, match=r"cannot take the clips \(8 frames of 16 px.*1 \+ 4k frames"):
         run(GRID, tok, video_source="moving_synthetic", num_frames=8, frame_size=SIZE)
     job.check_tokenizer(tok, GRID, make_config("", ""))  # the right pairing passes
+
+
+def test_bench_sample_reads_video_grids_and_refuses_others():
+    from par_jax.bench import sample as bench_sample
+    from par_jax.core import config_args
+    args = bench_sample.settings_from_flags(config_args.parse_flags(["bench", "--grid=5x16x16"],
+                                                                    bench_sample.define_flags))
+    assert args.grid == (5, 16, 16)
+    for bad in ("5x16x16x2", "0x8x8"):
+        with pytest.raises(config_args.UsageError, match=r"HxW .* or TxHxW for video .*every size positive"):
+            bench_sample.settings_from_flags(config_args.parse_flags(["bench", f"--grid={bad}"],
+                                                                     bench_sample.define_flags))
