@@ -41,6 +41,34 @@ def test_kernel_dense_equals_dense(rows, w_shape, fan_in_axes):
     assert np.abs(np.asarray(got) - ref).max() <= 2e-5 * np.abs(ref).max()
 
 
+# The kernel's two paths (cpu_matmul.cc): up to 128 rows one task per panel over every row; more rows in blocks of
+# 128 by groups of 4 panels. Rows around the 8-row tile and the 128-row block, K around the 128-row chunk (and a
+# 4 KB-multiple row stride), N leaving a partial last panel and a partial last group; float64 reference.
+@pytest.mark.parametrize("rows", [1, 2, 9, 32, 128, 129, 300])
+@pytest.mark.parametrize("k,n", [(100, 72), (300, 200), (1024, 40)])
+def test_kernel_matches_float64_at_odd_shapes(rows, k, n):
+    rng = np.random.default_rng(rows * k + n)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    got = np.asarray(jax.jit(cpu_matmul.matmul, static_argnums=2)(jnp.asarray(x), cpu_matmul.pack(jnp.asarray(w)), n))
+    assert got.shape == (rows, n)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    # Well above float32 rounding of k-term sums, far below one missing, doubled or misplaced product.
+    tol = 4e-7 * np.sqrt(k) * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64))
+    assert np.all(np.abs(got - ref) <= tol + 1e-30), np.max(np.abs(got - ref) / tol)
+
+
+def test_kernel_output_does_not_depend_on_earlier_calls():
+    # y is written, never accumulated into, at the first K chunk: a reused output buffer cannot leak in.
+    rng = np.random.default_rng(0)
+    w = cpu_matmul.pack(jnp.asarray(rng.standard_normal((256, 96)).astype(np.float32)))
+    f = jax.jit(cpu_matmul.matmul, static_argnums=2)
+    x = jnp.asarray(rng.standard_normal((200, 256)).astype(np.float32))
+    first = np.asarray(f(x, w, 96))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(f(x, w, 96)), first)
+
+
 def test_pack_pads_the_last_panel_with_zeros():
     w = jnp.arange(3 * 40, dtype=jnp.float32).reshape(3, 40)
     panels = cpu_matmul.pack(w)

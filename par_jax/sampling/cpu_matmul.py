@@ -2,8 +2,9 @@
 
 The sampler multiplies a few rows by every weight matrix at every step. Packed once into panels of 32 columns
 (`pack`, at `Backend.prepare`), each matrix is streamed from memory about once per step by the kernel, which runs
-register tiles of up to 8 rows x 32 columns on every core (docs/benchmarks.md has the paired timings against
-XLA:CPU's dots). Built like the attention kernel (cpu_attention.build: on first use, with the system's C++ compiler,
+register tiles of up to 8 rows x 32 columns on every core: up to 128 rows one panel per task, more in tasks of 128 rows
+by 4 panels that keep their rows in L2 (docs/benchmarks.md has the paired timings against XLA:CPU's dots and against
+NumPy's BLAS; `python -m par_jax.bench.matmul` measures the kernel alone). Built like the attention kernel (cpu_attention.build: on first use, with the system's C++ compiler,
 cached by a hash of the source). Float32 only; `PANEL_MATMUL` is what `Backend` hands to `ColumnBlocks`.
 """
 
