@@ -6,6 +6,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from par_jax.evaluation import i3d, metrics
 
@@ -26,7 +27,7 @@ def made_up_i3d_state():
             value = rng.uniform(0.5, 1.5, shape)
         elif key.endswith("conv3d.weight"):
             fan_in = int(np.prod(shape[1:]))
-            value = rng.normal(0, np.sqrt(2.0 / fan_in), shape)
+            value = rng.standard_normal(shape, np.float32) * np.float32(np.sqrt(2.0 / fan_in))
         else:
             value = rng.normal(0, 0.1, shape)
         state[key] = value.astype(np.float32)
@@ -93,7 +94,7 @@ def test_i3d_loader_and_forward_on_a_made_up_weights_file(tmp_path, made_up_i3d_
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
     # The whole network: (B, 400) logits, the head being the 1x1x1 conv with bias of the pooled 1024-d features.
-    out = jax.jit(lambda c: model(c))(jnp.asarray(clips))
+    out = nnx.jit(lambda m, c: m(c))(model, jnp.asarray(clips))  # weights as arguments, not 50 MB of constants
     assert out["logits"].shape == (2, 400) and out["avg_pool"].shape == (2, 1024)
     head = (np.asarray(out["avg_pool"]) @ made_up_i3d_state["logits.conv3d.weight"][:, :, 0, 0, 0].T
             + made_up_i3d_state["logits.conv3d.bias"])
@@ -109,7 +110,7 @@ def test_i3d_loader_and_forward_on_a_made_up_weights_file(tmp_path, made_up_i3d_
 
 
 def test_i3d_resizes_frames_to_224_with_tf1_bilinear():
-    model = jax.eval_shape(lambda: i3d.I3D(rngs=__import__("flax").nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: i3d.I3D(rngs=nnx.Rngs(0)))
     clips = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 2, 32, 40, 3)), jnp.uint8)
     x = i3d.I3D.preprocess(model, clips)
     assert x.shape == (1, 2, 224, 224, 3)
@@ -208,7 +209,7 @@ def test_video_classifier_trains_saves_loads_and_gives_features(tmp_path, tiny_v
     np.testing.assert_allclose(np.asarray(again.features(clips)), np.asarray(out["pool"]), rtol=1e-5, atol=1e-6)
 
     # An image classifier's folder is refused by name.
-    image_model = classifier.Classifier(rngs=__import__("flax").nnx.Rngs(0))
+    image_model = classifier.Classifier(rngs=nnx.Rngs(0))
     classifier.save(tmp_path / "image", image_model, {"test_accuracy": 0.5})
     with pytest.raises(ValueError, match="not a video classifier"):
         vc.load(tmp_path / "image")
@@ -223,7 +224,6 @@ def test_video_classifier_trains_saves_loads_and_gives_features(tmp_path, tiny_v
 def test_evaluate_job_on_a_video_decoder_writes_the_video_metrics(tmp_path, tiny_video_classifier):
     """A tiny 3-D decoder and video tokenizer (random weights): sample, decode to clips, score against Moving
     Fashion-MNIST clips in the video classifier's feature space, record; then score the written samples.npz again."""
-    from flax import nnx
     from configs import par
     from par_jax import tokenizer as tokenizer_lib
     from par_jax.core import checkpoint as ckpt_lib

@@ -142,7 +142,8 @@ def i3d_network(weights_path: str, *, batch_size: int = 8) -> FeatureNetwork:
     from par_jax.evaluation import i3d  # noqa: PLC0415
 
     if not weights_path:
-        raise ValueError(f"the i3d feature network (FVD) needs its weight file: set "
+        from par_jax.core.config_args import UsageError  # noqa: PLC0415
+        raise UsageError(f"the i3d feature network (FVD) needs its weight file: set "
                          f"--config.eval.i3d_weights=/path/to/{i3d.WEIGHTS_FILE} (docs/evaluation.md, 'Video'), or "
                          f"use --config.eval.feature_network=video_classifier offline.")
     model = i3d.load(weights_path)

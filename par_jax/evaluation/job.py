@@ -33,6 +33,7 @@ from absl import logging
 from clu import metric_writers
 
 from par_jax.core import checkpoint, paths
+from par_jax.core.config_args import UsageError
 from par_jax.data import pipeline
 from par_jax.evaluation import features as features_lib
 from par_jax.evaluation import generate, metrics, npz, reference, video_reference
@@ -108,7 +109,7 @@ def _check_network_kind(settings: EvalSettings, video: bool, what: str) -> None:
     if video != (settings.feature_network in features_lib.VIDEO_NETWORKS):
         choices = features_lib.VIDEO_NETWORKS if video else tuple(
             n for n in features_lib.NETWORKS if n not in features_lib.VIDEO_NETWORKS)
-        raise ValueError(f"{what} {'clips' if video else 'images'}, but config.eval.feature_network="
+        raise UsageError(f"{what} {'clips' if video else 'images'}, but config.eval.feature_network="
                          f"{settings.feature_network!r} is {'an image' if video else 'a video'} network; choose one "
                          f"of {choices}" + (" (and config.eval.metrics from fvd, precision_recall, "
                                             "class_consistency)." if video else "."))

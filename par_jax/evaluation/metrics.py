@@ -310,7 +310,8 @@ def check_network(names, network) -> None:
     if wrong:
         kind, other = ("video", "image") if video else ("image", "video")
         fits = [m for m in METRICS if m not in (IMAGE_ONLY if video else VIDEO_ONLY)]
-        raise ValueError(f"config.eval.metrics {wrong} are {other} metrics, but {network.name} is a {kind} "
+        from par_jax.core.config_args import UsageError  # noqa: PLC0415
+        raise UsageError(f"config.eval.metrics {wrong} are {other} metrics, but {network.name} is a {kind} "
                          f"feature network; choose from {fits}.")
     if "sfid" in names and not network.has_spatial:
         raise ValueError(f"sfid needs spatial features, which the {network.name} network lacks; drop 'sfid' from "

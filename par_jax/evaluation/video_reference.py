@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from par_jax.core import paths
+from par_jax.core.config_args import UsageError
 from par_jax.evaluation import features as features_lib
 from par_jax.evaluation import npz, resize
 from par_jax.evaluation.settings import EvalSettings
@@ -22,7 +23,7 @@ from par_jax.evaluation.settings import EvalSettings
 def check(settings: EvalSettings) -> None:
     """Cheap checks that the reference is named and, for a file, exists (before any network or sampling)."""
     if not settings.reference:
-        raise ValueError("config.eval.reference is empty: give a video source such as 'moving_fashion_mnist' or "
+        raise UsageError("config.eval.reference is empty: give a video source such as 'moving_fashion_mnist' or "
                          "'tfds:ucf101', or a .npz of uint8 clips (N, T, H, W, 3) in arr_0.")
     if settings.reference.endswith(".npz") and not paths.exists(settings.reference):
         raise FileNotFoundError(f"reference clips {settings.reference!r} do not exist.")
@@ -74,7 +75,7 @@ def features(settings: EvalSettings, network: features_lib.FeatureNetwork, num_f
              resolution: int = 0) -> tuple[features_lib.Features, dict[str, Any]]:
     """Features of the reference clips through a video network, and a record of them."""
     if not network.video:
-        raise ValueError(f"{network.name} is an image feature network; video references need a video one.")
+        raise UsageError(f"{network.name} is an image feature network; video references need a video one.")
     batches, record = clips(settings, num_frames, frame_size, network.batch_size, resolution=resolution)
     feats = features_lib.collect(network, batches, log_every=20)
     record["reference_stats"] = "computed"
