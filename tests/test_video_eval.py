@@ -275,3 +275,44 @@ def test_evaluate_job_on_a_video_decoder_writes_the_video_metrics(tmp_path, tiny
     again = job.run(config, str(tmp_path / "work"))
     assert again["metrics"]["class_consistency"] == pytest.approx(m["class_consistency"])
     assert again["settings"]["resolution"] == "16x16 (as in the file)"
+
+
+def test_video_and_image_metrics_and_references_are_kept_apart(tmp_path):
+    from par_jax.core.config_args import UsageError
+    from par_jax.evaluation import features, video_reference
+    from par_jax.evaluation.settings import EvalSettings
+    video_net = features.FeatureNetwork(name="video_classifier", description="", apply=None, batch_size=4,
+                                        label_space="fashion_mnist", video=True, frechet_key="fd_video_classifier")
+    image_net = features.FeatureNetwork(name="fmnist_classifier", description="", apply=None, batch_size=4,
+                                        label_space="fashion_mnist")
+    metrics.check_network(("fvd", "precision_recall", "class_consistency"), video_net)
+    metrics.check_network(("fid", "is"), image_net)
+    with pytest.raises(UsageError, match=r"\['fid', 'is'\] are image metrics"):
+        metrics.check_network(("fid", "is", "fvd"), video_net)
+    with pytest.raises(UsageError, match=r"\['fvd'\] are video metrics"):
+        metrics.check_network(("fvd",), image_net)
+    with pytest.raises(ValueError, match=r"takes RGB clips \(N, T, H, W, 3\)"):
+        video_net(np.zeros((2, 8, 8, 3), np.uint8))
+
+    # The Frechet metric is named by the network: fvd only on I3D features.
+    rng = np.random.default_rng(4)
+    feats = features.Features(rng.normal(size=(20, 3)), np.zeros((20, 10)), None, metrics.StatsAccumulator(), None)
+    feats.pool_stats.update(feats.pool)
+    other = features.Features(feats.pool + 1, feats.logits, None, metrics.StatsAccumulator(), None)
+    other.pool_stats.update(other.pool)
+    s = EvalSettings(metrics=("fvd",))
+    assert set(metrics.compute(("fvd",), feats, other, video_net, s)) == {"fd_video_classifier"}
+    i3d_net = features.FeatureNetwork(name="i3d_kinetics400", description="", apply=None, batch_size=4, video=True,
+                                      frechet_key="fvd")
+    got = metrics.compute(("fvd",), feats, other, i3d_net, s)["fvd"]
+    assert got == pytest.approx(3.0, rel=1e-9)  # a shift by 1 in each of 3 dimensions, same covariance
+
+    # A reference file of clips must match the samples' clip shape.
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 5, 8, 8, 3), np.uint8))
+    ok = EvalSettings(metrics=("fvd",), reference=str(tmp_path / "ref.npz"))
+    batches, record = video_reference.clips(ok, 5, 8, 3)
+    assert [b.shape for b in batches] == [(3, 5, 8, 8, 3), (1, 5, 8, 8, 3)] and record["reference_count"] == 4
+    with pytest.raises(ValueError, match=r"uint8 clips \(N, 9, 8, 8, 3\)"):
+        video_reference.clips(ok, 9, 8, 3)
+    with pytest.raises(UsageError, match="reference is empty"):
+        video_reference.clips(EvalSettings(metrics=("fvd",)), 5, 8, 3)
