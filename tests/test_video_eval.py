@@ -63,6 +63,11 @@ def test_i3d_has_the_kinetics_network_structure():
     assert shapes["logits.conv3d.weight"] == (400, 1024, 1, 1, 1) and shapes["logits.conv3d.bias"] == (400,)
     params = sum(int(np.prod(s)) for k, s in shapes.items() if "running" not in k)
     assert 12_000_000 < params < 13_000_000  # I3D-RGB's ~12.7M (weights, BN scale and shift, logits)
+    # At FVD's size (frames resized to 224) the graph traces through its exact [2, 7, 7] head to (B, 400).
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: i3d.I3D(rngs=nnx.Rngs(0))))
+    out = jax.eval_shape(lambda st, c: nnx.merge(graphdef, st)(c), state,
+                         jax.ShapeDtypeStruct((2, 17, 32, 32, 3), jnp.uint8))
+    assert out["logits"].shape == (2, 400) and out["avg_pool"].shape == (2, 1024)
 
 
 def test_i3d_loader_and_forward_on_a_made_up_weights_file(tmp_path, made_up_i3d_state):
