@@ -321,3 +321,9 @@ def test_video_and_image_metrics_and_references_are_kept_apart(tmp_path):
         video_reference.clips(ok, 9, 8, 3)
     with pytest.raises(UsageError, match="reference is empty"):
         video_reference.clips(EvalSettings(metrics=("fvd",)), 5, 8, 3)
+
+    # FVD without its weight file fails at once, naming the setting.
+    with pytest.raises(UsageError, match="i3d_weights"):
+        features.i3d_network("")
+    with pytest.raises(FileNotFoundError, match="i3d_weights='/nowhere.pt'"):
+        features.check(EvalSettings(metrics=("fvd",), feature_network="i3d", i3d_weights="/nowhere.pt"))
