@@ -117,7 +117,7 @@ def test_per_frame_baseline_keeps_every_frame_and_treats_each_alone():
     m = video_vq.VideoVQModel(cfg, rngs=nnx.Rngs(1))
     # Its encoder is the image encoder (2D kernels) applied per frame; causal3d's kernels span 3 frames.
     assert m.encoder.net.conv_in.kernel.shape == (3, 3, 3, 8)
-    assert video_vq.param_shapes(tiny())["encoder.conv_in.conv.kernel"] == (3, 3, 3, 3, 8)
+    assert video_vq.param_shapes(tiny())["encoder.conv_in.kernel"] == (3, 3, 3, 3, 8)
     x = random_clips(4, (1, 3, 16, 16, 3))
     y = x.at[:, 1].set(random_clips(5, (1, 16, 16, 3)))
     codes = np.asarray(m.encode(jnp.concatenate([x, y])))
@@ -169,3 +169,38 @@ def test_save_and_load_round_trip(model, tmp_path):
                                     z_channels=8, codebook_size=16, codebook_dim=4, num_groups=4), rngs=nnx.Rngs(0))
     ckpt_lib.save_params(tmp_path / "img", image)
     assert type(tokenizer.load(tmp_path / "img")) is vq.VQModel and not tokenizer.load(tmp_path / "img").is_video
+
+
+# ----- the train_tokenizer job on clips ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_train_tokenizer_job_on_clips_writes_a_gif_and_an_export_that_loads(tmp_path):
+    from configs import vq as vq_configs
+    from par_jax.tokenizer import evaluate, train
+
+    config = vq_configs.get_config("video,runlocal")
+    config.tokenizer = vq_configs._video_tokenizer_section("video", **TINY)
+    config.data.update(video_source="moving_synthetic", num_frames=9, frame_size=16, count=8)
+    config.train.update(batch_size=2, num_steps=2, log_every=1, eval_every=2, checkpoint_every=2, grid_images=2)
+    config.optimizer.update(schedule="constant", warmup_steps=0)
+    config.eval.update(batch_size=2, num_images=2, final_num_images=2)
+    metrics = train.train_and_evaluate(config, str(tmp_path))
+    assert metrics["clips"] == 2 and np.isfinite(metrics["psnr"]) and 0 < metrics["code_usage"] <= 1
+    gif = tmp_path / "reconstructions" / "step_00000002.gif"
+    assert gif.exists() and (tmp_path / "reconstructions" / "step_00000002_frames.png").exists()
+    from PIL import Image
+    with Image.open(gif) as im:
+        assert getattr(im, "n_frames", 1) > 1  # animated: the clip's frames
+    model = tokenizer.load(tmp_path / "tokenizer")
+    assert model.is_video and model.config == tiny()
+    clips = random_clips(3, (2, 9, 16, 16, 3))
+    assert model.encode(clips).shape == (2, 3, 4, 4)
+    # The evaluate_tokenizer job scores the export the same way.
+    again = evaluate.run(config, str(tmp_path))
+    np.testing.assert_allclose(again["psnr"], metrics["psnr"], rtol=1e-5)
+    assert (tmp_path / "eval_tokenizer" / "reconstructions.gif").exists()
+    # A clip length the tokenizer cannot take is refused before any work.
+    config.data.num_frames = 8
+    with pytest.raises(Exception, match=r"1 \+ 4k frames"):
+        train.train_and_evaluate(config, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -1,10 +1,13 @@
-r"""The evaluate_tokenizer job: reconstruction quality of a trained (or converted) tokenizer on an image split.
+r"""The evaluate_tokenizer job: reconstruction quality of a trained (or converted) tokenizer on an image split, or
+of a video tokenizer on a clip split.
 
     python -m par_jax.main --job=evaluate_tokenizer --config=configs/vq.py:fmnist --workdir=workdirs/tokenizer_fmnist
 
 Scores `config.eval.tokenizer` (default: the workdir's tokenizer) on the first `config.eval.final_num_images` images
 (<= 0: all) of `config.data.eval_split`, and writes WORKDIR/eval_tokenizer/metrics.json (MSE and PSNR in [0, 1]
 pixel units, codebook usage, dead codes, perplexity) and reconstructions.png (originals beside reconstructions).
+For a video tokenizer the counts are clips, PSNR is per frame, and the reconstructions are reconstructions.gif
+(animated) and reconstructions_frames.png (a frame strip).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from par_jax.tokenizer import train
 from par_jax.core import mesh as mesh_lib
 from par_jax.core import paths
 from par_jax.core import sharding as sharding_lib
-from par_jax.utils import images as images_lib
 
 OUT_DIR = "eval_tokenizer"
 
@@ -32,11 +34,12 @@ def run(config, workdir: str) -> dict[str, float]:
     metrics, originals, recons = train.evaluate(params, config, model.config, nnx.graphdef(model), mesh,
                                                 num_images=config.eval.final_num_images,
                                                 grid_images=config.train.grid_images)
-    metrics = {"tokenizer": str(path), "split": f"{config.data.image_source}/{config.data.eval_split}",
+    source = config.data.video_source if model.is_video else config.data.image_source
+    metrics = {"tokenizer": str(path), "split": f"{source}/{config.data.eval_split}",
                "crop": int(config.eval.crop), **metrics}
     logging.info("tokenizer %s on %s: %s", path, metrics["split"], metrics)
     if jax.process_index() == 0:  # local or gs:// workdirs (par_jax.core.paths)
         out = workdir / OUT_DIR
         paths.write_json(out / "metrics.json", metrics)
-        images_lib.save_png(out / "reconstructions.png", train.reconstruction_grid(originals, recons))
+        train.write_reconstructions(out, "reconstructions", originals, recons)
     return metrics

@@ -1,6 +1,8 @@
-r"""The train_tokenizer job: train a VQ tokenizer on images, evaluate its reconstructions, checkpoint and resume.
+r"""The train_tokenizer job: train a VQ tokenizer on images or clips, evaluate its reconstructions, checkpoint and
+resume.
 
     python -m par_jax.main --config=configs/vq.py:fmnist --workdir=workdirs/tokenizer_fmnist
+    python -m par_jax.main --config=configs/vq.py:video --workdir=workdirs/tokenizer_video
     python -m par_jax.main --config=configs/vq.py:vq16 --workdir=gs://BUCKET/vq16 \
         --config.data.image_source=tfds:imagenet2012 --config.loss.perceptual_weights=/path/lpips_vgg16.safetensors
 
@@ -17,6 +19,11 @@ the job also writes a params-only copy to `WORKDIR/tokenizer`.
 Losses (PAR_SPEC section 8): L2 reconstruction + codebook + commitment (beta from the tokenizer config), optional
 LPIPS perceptual loss (weights from a file; an error when asked for without one), optional PatchGAN hinge loss
 with weight `loss.disc_weight` from step `loss.disc_start` (the discriminator trains from the same step).
+
+Video tokenizers (a `config.tokenizer` with `kind`, `video_vq.VideoVQConfig`) train on uint8 clips (B, T, S, S, 3)
+from `par_jax.data.video_pipeline` with the same loop and losses; LPIPS and the PatchGAN score every frame as an
+image. Evaluation reports per-frame PSNR and code usage, and reconstructions are written as an animated GIF
+(originals beside reconstructions) and a PNG frame strip.
 """
 
 from __future__ import annotations
@@ -35,9 +42,9 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from par_jax.data.image_pipeline import eval_batches, make_train_loader
+from par_jax.data import image_pipeline
+from par_jax.data import video_pipeline
 from par_jax.tokenizer import losses as losses_lib
-from par_jax.tokenizer import vq
 from par_jax import tokenizer as tokenizer_lib
 from par_jax.core import checkpoint as ckpt_lib
 from par_jax.core import loop
@@ -46,6 +53,7 @@ from par_jax.core.config_args import UsageError
 from par_jax.core import optim
 from par_jax.core import sharding as sharding_lib
 from par_jax.utils import images as images_lib
+from par_jax.utils import video as video_utils
 
 EXPORT_DIR = "tokenizer"
 NONFINITE_HINT = "Lower optimizer.lr (or raise its warmup) or check the images."
@@ -55,6 +63,26 @@ def to_float(images):
     return images.astype(jnp.float32) / 127.5 - 1.0
 
 
+def is_video(cfg) -> bool:
+    return isinstance(cfg, tokenizer_lib.VideoVQConfig)
+
+
+def batch_ndim(cfg) -> int:
+    """Rank of an input batch: (B, S, S, 3) images or (B, T, S, S, 3) clips."""
+    return 5 if is_video(cfg) else 4
+
+
+def pipeline(cfg):
+    """The input module for the tokenizer's kind: `make_train_loader` and `eval_batches` over images or clips."""
+    return video_pipeline if is_video(cfg) else image_pipeline
+
+
+def frames(x):
+    """Clips (B, T, H, W, C) as a batch of frames (B * T, H, W, C); images unchanged. The perceptual loss and the
+    PatchGAN judge pictures, so a video tokenizer's are scored frame by frame."""
+    return x.reshape((-1,) + x.shape[-3:])
+
+
 # ----- state --------------------------------------------------------------------------------------------------
 
 def _no_decay_specs(params) -> Any:
@@ -62,16 +90,16 @@ def _no_decay_specs(params) -> Any:
     return jax.tree.map(lambda x: ("norm",) if x.ndim == 1 else (None,) * x.ndim, params)
 
 
-def _discriminator(cfg: vq.VQConfig, loss_cfg, seed: int) -> losses_lib.PatchDiscriminator:
+def _discriminator(cfg, loss_cfg, seed: int) -> losses_lib.PatchDiscriminator:
     return losses_lib.PatchDiscriminator(loss_cfg.disc_channels, loss_cfg.disc_layers, cfg.in_channels,
                                          rngs=nnx.Rngs(seed))
 
 
-def abstract_models(cfg: vq.VQConfig, loss_cfg):
+def abstract_models(cfg, loss_cfg):
     """(vq graphdef, vq params, discriminator graphdef, discriminator params) as abstract shapes, nothing allocated;
     the discriminator entries are None without the adversarial loss. (Building an NNX model is slow Python: build
     each once.)"""
-    vq_def, vq_params = nnx.split(nnx.eval_shape(lambda: vq.VQModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    vq_def, vq_params = nnx.split(nnx.eval_shape(lambda: tokenizer_lib.build(cfg, nnx.Rngs(0))), nnx.Param)
     disc_def = disc_params = None
     if loss_cfg.disc_weight > 0:
         disc_def, disc_params = nnx.split(nnx.eval_shape(lambda: _discriminator(cfg, loss_cfg, 0)), nnx.Param)
@@ -87,9 +115,9 @@ def state_from_params(params, disc_params, tx, disc_tx) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
 
 
-def init_state(cfg: vq.VQConfig, loss_cfg, seed: int, tx, disc_tx) -> dict:
+def init_state(cfg, loss_cfg, seed: int, tx, disc_tx) -> dict:
     """A fresh training state (jit it with out_shardings to create it in place)."""
-    params = nnx.to_pure_dict(nnx.state(vq.VQModel(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(tokenizer_lib.build(cfg, nnx.Rngs(seed)), nnx.Param))
     disc_params = None
     if loss_cfg.disc_weight > 0:
         disc_params = nnx.to_pure_dict(nnx.state(_discriminator(cfg, loss_cfg, seed + 1), nnx.Param))
@@ -99,7 +127,8 @@ def init_state(cfg: vq.VQConfig, loss_cfg, seed: int, tx, disc_tx) -> dict:
 # ----- the update step ----------------------------------------------------------------------------------------
 
 def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, perceptual, gan: bool, cfg):
-    """One generator update (and one discriminator update when `gan`). images: uint8 (B, S, S, 3).
+    """One generator update (and one discriminator update when `gan`). images: uint8 (B, S, S, 3), or clips
+    (B, T, S, S, 3) for a video tokenizer.
 
     Returns (state, metrics dict of scalars, code histogram (K,)).
     """
@@ -114,12 +143,12 @@ def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, p
         total = loss_cfg.reconstruction_weight * rec + loss_cfg.codebook_weight * (q.codebook_loss + q.commit_loss)
         aux = {"reconstruction": rec, "codebook": q.codebook_loss, "commitment": q.commit_loss}
         if perceptual is not None:
-            p = jnp.mean(losses_lib.perceptual_loss(perceptual, x, recon))
+            p = jnp.mean(losses_lib.perceptual_loss(perceptual, frames(x), frames(recon)))
             total = total + loss_cfg.perceptual_weight * p
             aux["perceptual"] = p
         if gan:
             disc = nnx.merge(disc_def, disc_state["params"])
-            g = losses_lib.hinge_g_loss(disc(recon))
+            g = losses_lib.hinge_g_loss(disc(frames(recon)))
             total = total + loss_cfg.disc_weight * g
             aux["generator_adv"] = g
         return total, (aux, recon, q.codes)
@@ -129,7 +158,7 @@ def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, p
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates),
                "param_norm": optax.global_norm(params),
-               "psnr": jnp.mean(psnr(x, jnp.clip(recon, -1, 1)))}
+               "psnr": jnp.mean(psnr(frames(x), frames(jnp.clip(recon, -1, 1))))}
     opt_state = dict(state["opt_state"], vq=opt_vq)
 
     if gan:
@@ -137,7 +166,7 @@ def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, p
 
         def discriminator_loss(dparams):
             disc = nnx.merge(disc_def, dparams)
-            real_logits, fake_logits = disc(x), disc(fake)
+            real_logits, fake_logits = disc(frames(x)), disc(frames(fake))
             d = loss_cfg.disc_weight * losses_lib.hinge_d_loss(real_logits, fake_logits)
             return d, (jnp.mean(real_logits), jnp.mean(fake_logits))
 
@@ -158,7 +187,8 @@ def psnr(x, y):
 
 
 def eval_step(params, images, valid, *, vq_def, cfg, crop: int):
-    """Sums over the valid images of one batch: squared error (in [0, 1] units), PSNR; and the code histogram.
+    """Sums over the valid images (or clips) of one batch: squared error (in [0, 1] units), PSNR (a clip's is the
+    mean PSNR of its frames); and the code histogram.
 
     `crop` > 0 scores only the centre crop x crop pixels (e.g. the 28x28 of Fashion-MNIST padded to 32x32).
     """
@@ -168,24 +198,33 @@ def eval_step(params, images, valid, *, vq_def, cfg, crop: int):
     recon = model.decode(codes)
     xs, rs = x, recon
     if crop:
-        o = (x.shape[1] - crop) // 2
-        xs, rs = x[:, o:o + crop, o:o + crop], recon[:, o:o + crop, o:o + crop]
+        o = (x.shape[-2] - crop) // 2
+        xs, rs = x[..., o:o + crop, o:o + crop, :], recon[..., o:o + crop, o:o + crop, :]
     w = valid.astype(jnp.float32)
-    se = jnp.mean(((xs - rs) / 2.0) ** 2, axis=(1, 2, 3))
-    sums = {"mse": jnp.sum(se * w), "psnr": jnp.sum(psnr(xs, rs) * w), "count": jnp.sum(w)}
-    hist = jnp.bincount(jnp.where(valid[:, None, None], codes, cfg.codebook_size).reshape(-1),
-                        length=cfg.codebook_size + 1)[:-1]
+    se = jnp.mean(((xs - rs) / 2.0) ** 2, axis=tuple(range(1, x.ndim)))
+    item_psnr = psnr(frames(xs), frames(rs)).reshape(x.shape[0], -1).mean(axis=1)
+    sums = {"mse": jnp.sum(se * w), "psnr": jnp.sum(item_psnr * w), "count": jnp.sum(w)}
+    hist = jnp.bincount(jnp.where(valid.reshape((-1,) + (1,) * (codes.ndim - 1)), codes, cfg.codebook_size)
+                        .reshape(-1), length=cfg.codebook_size + 1)[:-1]
     return sums, hist, recon
 
 
 # ----- the job ------------------------------------------------------------------------------------------------
 
-def _check_config(config, cfg: vq.VQConfig):
+def _check_config(config, cfg):
     d, t = config.data, config.train
-    if d.image_size % cfg.downsample:
+    if is_video(cfg):
+        try:
+            cfg.latent_shape(d.num_frames, d.frame_size)
+        except ValueError as e:
+            raise UsageError(f"data.num_frames={d.num_frames}, data.frame_size={d.frame_size}: {e}") from None
+        if d.frame_size != cfg.frame_size:
+            logging.warning("data.frame_size=%d differs from tokenizer.frame_size=%d; training at %d.", d.frame_size,
+                            cfg.frame_size, d.frame_size)
+    elif d.image_size % cfg.downsample:
         raise UsageError(f"data.image_size={d.image_size} is not a multiple of the tokenizer's downsampling "
                          f"factor {cfg.downsample}.")
-    if d.image_size != cfg.image_size:
+    elif d.image_size != cfg.image_size:
         logging.warning("data.image_size=%d differs from tokenizer.image_size=%d; training at %d.", d.image_size,
                         cfg.image_size, d.image_size)
     if t.num_steps < 1 or t.batch_size < 1 or t.log_every < 1:
@@ -205,20 +244,51 @@ def reconstruction_grid(originals, reconstructions, pairs_per_row: int = 8, min_
     return images_lib.make_grid(cells, rows=max(1, -(-len(cells) // pairs_per_row)), pad=4 * scale)
 
 
-def _write_grid(writer, workdir, step, originals, reconstructions):
+def reconstruction_clip(originals, reconstructions, pairs_per_row: int = 4) -> np.ndarray:
+    """uint8 clip (T, H', W', 3) whose frame t is the `reconstruction_grid` of frame t of every clip pair."""
+    return np.stack([reconstruction_grid(originals[:, t], reconstructions[:, t], pairs_per_row)
+                     for t in range(originals.shape[1])])
+
+
+def reconstruction_strip(originals, reconstructions, clips: int = 4) -> np.ndarray:
+    """uint8 picture of the first `clips` clips' frames left to right, each original's row above its
+    reconstruction's."""
+    pairs = np.stack([images_lib.to_uint8(originals[:clips]), images_lib.to_uint8(reconstructions[:clips])], axis=1)
+    return video_utils.frame_strip(pairs.reshape((-1,) + pairs.shape[2:]))
+
+
+def write_reconstructions(directory, name: str, originals, reconstructions, writer=None, step: int = 0) -> str:
+    """Write originals beside reconstructions under `directory`: NAME.png for images; for clips NAME.gif (animated)
+    and NAME_frames.png (a frame strip). With a CLU `writer`, the picture (or strip) goes to it too. Returns the
+    path of the main file."""
+    directory = epath.Path(directory)
+    if originals.ndim == 5:
+        strip = reconstruction_strip(originals, reconstructions)
+        if writer is not None:
+            writer.write_images(step, {"reconstructions": strip[None]})
+        images_lib.save_png(str(directory / f"{name}_frames.png"), strip)
+        return video_utils.write_gif(reconstruction_clip(originals, reconstructions), directory / f"{name}.gif",
+                                     min_side=0)
     grid = reconstruction_grid(originals, reconstructions)
-    writer.write_images(step, {"reconstructions": grid[None]})
-    return images_lib.save_png(str(epath.Path(workdir) / "reconstructions" / f"step_{step:08d}.png"), grid)
+    if writer is not None:
+        writer.write_images(step, {"reconstructions": grid[None]})
+    return images_lib.save_png(str(directory / f"{name}.png"), grid)
 
 
-def evaluate(params, config, cfg: vq.VQConfig, vq_def, mesh, *, num_images: int, grid_images: int = 0):
-    """Reconstruction MSE / PSNR and codebook usage over the eval split. Returns (metrics, originals, recons)."""
-    batch_sharding = sharding_lib.batch_sharding(mesh, sharding_lib.rules_from_config(None), ndim=4)
+def _write_grid(writer, workdir, step, originals, reconstructions):
+    return write_reconstructions(epath.Path(workdir) / "reconstructions", f"step_{step:08d}", originals,
+                                 reconstructions, writer, step)
+
+
+def evaluate(params, config, cfg, vq_def, mesh, *, num_images: int, grid_images: int = 0):
+    """Reconstruction MSE / PSNR and codebook usage over the eval split (images, or clips for a video tokenizer:
+    `num_images` and `grid_images` then count clips). Returns (metrics, originals, recons)."""
+    batch_sharding = sharding_lib.batch_sharding(mesh, sharding_lib.rules_from_config(None), ndim=batch_ndim(cfg))
     mask_sharding = sharding_lib.batch_sharding(mesh, sharding_lib.rules_from_config(None), ndim=1)
     step = _jitted_eval(vq_def, cfg, int(config.eval.crop))
     local_batch = config.eval.batch_size // jax.process_count()
     totals, hist, originals, recons = None, None, [], []
-    for images, valid in eval_batches(config, local_batch, num_images):
+    for images, valid in pipeline(cfg).eval_batches(config, local_batch, num_images):
         g_images = jax.make_array_from_process_local_data(batch_sharding, images)
         g_valid = jax.make_array_from_process_local_data(mask_sharding, valid)
         sums, h, recon = step(params, g_images, g_valid)
@@ -228,12 +298,13 @@ def evaluate(params, config, cfg: vq.VQConfig, vq_def, mesh, *, num_images: int,
             originals.append(multihost_utils.process_allgather(g_images, tiled=True))
             recons.append(multihost_utils.process_allgather(recon, tiled=True))
     if totals is None:
-        raise ValueError(f"the eval split {config.data.eval_split!r} of {config.data.image_source!r} is empty.")
+        source = config.data.video_source if is_video(cfg) else config.data.image_source
+        raise ValueError(f"the eval split {config.data.eval_split!r} of {source!r} is empty.")
     totals = jax.device_get(totals)
     count = float(totals["count"])
     mse = float(totals["mse"]) / count
     metrics = {"mse": mse, "psnr": float(totals["psnr"]) / count, "psnr_of_mean_mse": -10 * math.log10(mse),
-               "images": count, **usage(jax.device_get(hist))}
+               ("clips" if is_video(cfg) else "images"): count, **usage(jax.device_get(hist))}
     if grid_images:
         originals = np.concatenate(originals)[:grid_images]
         recons = np.concatenate(recons)[:grid_images]
@@ -249,7 +320,7 @@ def usage(hist) -> dict[str, float]:
     return {f"code_{k}": v for k, v in losses_lib.usage_stats(hist).items()}
 
 
-def export(workdir, model: vq.VQModel) -> epath.Path:
+def export(workdir, model) -> epath.Path:
     """Params-only copy of the final tokenizer at WORKDIR/tokenizer (replacing an older export)."""
     directory = ckpt_lib.as_path(workdir) / EXPORT_DIR
     if jax.process_index() == 0 and directory.exists():
@@ -260,14 +331,14 @@ def export(workdir, model: vq.VQModel) -> epath.Path:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Train the tokenizer of `config.tokenizer` as `config` says; returns the final evaluation metrics."""
-    cfg = vq.from_config_dict(config.tokenizer)
+    cfg = tokenizer_lib.config_from_block(config.tokenizer)
     _check_config(config, cfg)
     loss_cfg, t = config.loss, config.train
 
     # Mesh: tokenizer replicated, batch split over the batch axes.
     mesh = mesh_lib.create_mesh(dict(config.mesh))
     replicated = sharding_lib.replicated(mesh)
-    batch_sharding = sharding_lib.batch_sharding(mesh, sharding_lib.rules_from_config(None), ndim=4)
+    batch_sharding = sharding_lib.batch_sharding(mesh, sharding_lib.rules_from_config(None), ndim=batch_ndim(cfg))
     shards = mesh_lib.num_batch_shards(mesh)
     if t.batch_size % shards or t.batch_size % jax.process_count() or config.eval.batch_size % shards:
         raise UsageError(f"train.batch_size={t.batch_size} and eval.batch_size={config.eval.batch_size} must be "
@@ -284,13 +355,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                         " + PatchGAN" if loss_cfg.disc_weight > 0 else "")
 
     # Input.
-    loader = make_train_loader(config, t.batch_size // jax.process_count())
+    loader = pipeline(cfg).make_train_loader(config, t.batch_size // jax.process_count())
     data_iter = iter(loader)
 
     # Model and optimizer.
     vq_def, abstract_params, disc_def, disc_abstract = abstract_models(cfg, loss_cfg)
-    logging.info("tokenizer %s: %s parameters, %dx downsampling, %d codes of dim %d", config.tokenizer.name,
-                 f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,}", cfg.downsample, cfg.codebook_size,
+    logging.info("tokenizer %s: %s parameters, %dx downsampling%s, %d codes of dim %d", config.tokenizer.name,
+                 f"{sum(x.size for x in jax.tree.leaves(abstract_params)):,}", cfg.downsample,
+                 f" ({cfg.kind}, {cfg.temporal_downsample}x in time)" if is_video(cfg) else "", cfg.codebook_size,
                  cfg.codebook_dim)
     opt = dict(config.optimizer)
     schedule = optim.learning_rate_schedule(opt, t.num_steps, optim.warmup_steps(opt, 1.0))
@@ -361,8 +433,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                                                num_images=num, grid_images=t.grid_images)
                     writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
                     path = _write_grid(writer, run.workdir, step, originals, recons) if jax.process_index() == 0 else ""
-                    logging.info("eval at step %d on %d images: mse %.5f, psnr %.2f dB, codes used %.1f%% (%d dead); "
-                                 "grid %s", step, eval_metrics["images"], eval_metrics["mse"], eval_metrics["psnr"],
+                    unit = "clips" if is_video(cfg) else "images"
+                    logging.info("eval at step %d on %d %s: mse %.5f, psnr %.2f dB, codes used %.1f%% (%d dead); "
+                                 "grid %s", step, eval_metrics[unit], unit, eval_metrics["mse"], eval_metrics["psnr"],
                                  100 * eval_metrics["code_usage"], eval_metrics["code_dead_codes"], path)
 
                 preempted = run.preempted(step)

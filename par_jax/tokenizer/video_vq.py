@@ -38,7 +38,8 @@ TIME_KERNEL = 3  # frames each causal convolution sees: the current one and the 
 
 # name -> field overrides of VideoVQConfig.
 CONFIGS: dict[str, dict[str, Any]] = {
-    # Moving Fashion-MNIST, 17 frames at 32 px -> 5 x 8 x 8 codes: small enough to train in minutes on a CPU.
+    # Moving Fashion-MNIST, 17 frames at 32 px -> 5 x 8 x 8 codes: small enough to train in minutes on a CPU (the
+    # full-resolution level dominates the cost: 16 channels there made a step 3x slower than these 8).
     "video": {},
     "video_per_frame": dict(kind="per_frame", temporal_downsample=1),
 }
@@ -51,7 +52,7 @@ class VideoVQConfig:
     frame_size: int = 32               # training resolution; encode accepts any multiple of `downsample`
     num_frames: int = 17               # training clip length (a runtime field: any valid length encodes)
     in_channels: int = 3
-    base_channels: int = 16
+    base_channels: int = 8
     channel_mult: tuple[int, ...] = (1, 2, 4)   # per level, highest resolution first; 2x space per level after the first
     num_res_blocks: int = 1             # per encoder level; every decoder level has one more
     attn_levels: tuple[int, ...] = ()   # levels with attention (always within one frame) after each residual block
@@ -60,7 +61,7 @@ class VideoVQConfig:
     codebook_dim: int = 8
     l2_norm: bool = True
     commitment: float = 0.25
-    num_groups: int = 8
+    num_groups: int = 4
     norm_eps: float = 1e-6
     dropout: float = 0.0
     temporal_downsample: int = 4        # causal3d: 2 ** (temporal levels); per_frame: 1
@@ -194,28 +195,41 @@ def frame_norm(norm: nnx.GroupNorm, x):
 
 
 class CausalConv3d(nnx.Module):
-    """A (TIME_KERNEL, k, k) convolution, causal in time: the input is padded on the past side with copies of the
-    first frame (not zeros, so a still clip stays still at its start), SAME in space.
+    """A (TIME_KERNEL, k, k) convolution (kernel (t, k, k, in, out)), causal in time: the input is padded on the
+    past side with copies of the first frame (not zeros, so a still clip stays still at its start), SAME in space.
 
     strides=(2, 2, 2) with the release's asymmetric (0, 1) spatial padding is the downsampling convolution: with
     two frames of past padding, output j reads frames 2j-2, 2j-1, 2j, so 1 + 2m frames become 1 + m, output 0 sees
-    only frame 0, and output j sees nothing after frame 2j."""
+    only frame 0, and output j sees nothing after frame 2j.
+
+    It runs as one 2D convolution over frames whose channels stack the frame and the two before it: the same sums as
+    a 3D convolution, and XLA:CPU runs it ~3x faster (0.45 s against 1.5 s for forward and backward of a 16-channel
+    8 x 17 x 32 x 32 batch), which decides whether the demo's tokenizer trains in minutes."""
 
     def __init__(self, cfg: VideoVQConfig, cin: int, cout: int, kernel: int, rngs: nnx.Rngs, *, strides=(1, 1, 1)):
-        self.time_pad = TIME_KERNEL - 1 if kernel > 1 else 0
-        kt = TIME_KERNEL if kernel > 1 else 1
-        if strides[1] == 2:
-            space = ((0, 1), (0, 1))
-        else:
-            space = ((kernel // 2, kernel // 2),) * 2
-        self.conv = nnx.Conv(cin, cout, (kt, kernel, kernel), strides=strides, padding=((0, 0),) + space,
-                             dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, kernel_init=vq.lecun_normal,
-                             rngs=rngs)
+        self.time_kernel = TIME_KERNEL if kernel > 1 else 1
+        self.strides = tuple(strides)
+        self.space_pad = ((0, 1), (0, 1)) if strides[1] == 2 else ((kernel // 2, kernel // 2),) * 2
+        self.dtype = cfg.dtype
+        self.kernel = nnx.Param(vq.lecun_normal(rngs.params(), (self.time_kernel, kernel, kernel, cin, cout)))
+        self.bias = nnx.Param(jnp.zeros((cout,), jnp.float32))
 
     def __call__(self, x):
-        if self.time_pad:
-            x = jnp.concatenate([jnp.repeat(x[:, :1], self.time_pad, axis=1), x], axis=1)
-        return self.conv(x)
+        dtype = jnp.dtype(self.dtype)
+        kt, st = self.time_kernel, self.strides[0]
+        b, t = x.shape[:2]
+        if kt > 1:
+            x = jnp.concatenate([jnp.repeat(x[:, :1], kt - 1, axis=1), x], axis=1)
+        out_t = (x.shape[1] - kt) // st + 1
+        # Channels of output frame j: input frames j*st + 0 .. kt-1 (padded indices), oldest first, as the kernel.
+        taps = [x[:, dt:dt + st * (out_t - 1) + 1:st] for dt in range(kt)]
+        stacked = jnp.concatenate(taps, axis=-1).reshape((b * out_t,) + x.shape[2:4] + (-1,))
+        k = self.kernel[...]
+        k = k.transpose(1, 2, 0, 3, 4).reshape(k.shape[1], k.shape[2], kt * k.shape[3], k.shape[4])
+        y = jax.lax.conv_general_dilated(stacked.astype(dtype), k.astype(dtype), self.strides[1:], self.space_pad,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = y + self.bias[...].astype(dtype)
+        return y.reshape((b, out_t) + y.shape[1:])
 
 
 class ResnetBlock3d(nnx.Module):
