@@ -107,11 +107,14 @@ def test_i3d_loader_and_forward_on_a_made_up_weights_file(tmp_path, made_up_i3d_
     assert np.all(np.isfinite(np.asarray(out["logits"])))
     assert not np.allclose(out["logits"][0], out["logits"][1])  # different clips, different features
 
-    # An .npz with the same keys loads to the same network.
+    # An .npz with the same keys reads to the same state dict as the .pt (which `load` then checks and converts).
     np.savez(tmp_path / "w.npz", **made_up_i3d_state)
-    again = i3d.load(str(tmp_path / "w.npz"), resize=False)
-    np.testing.assert_array_equal(np.asarray(again.Mixed_4f.b1b.conv3d.kernel[...]),
-                                  np.asarray(model.Mixed_4f.b1b.conv3d.kernel[...]))
+    from_npz, from_pt = i3d.read_state_dict(str(tmp_path / "w.npz")), i3d.read_state_dict(str(path))
+    assert set(from_npz) == set(from_pt) == set(made_up_i3d_state)
+    np.testing.assert_array_equal(from_npz["Mixed_4f.b1b.conv3d.weight"], from_pt["Mixed_4f.b1b.conv3d.weight"])
+    # The loaded kernel is the file's, moved from (out, in, t, h, w) to (t, h, w, in, out).
+    np.testing.assert_array_equal(np.asarray(model.Mixed_4f.b1b.conv3d.kernel[...]),
+                                  made_up_i3d_state["Mixed_4f.b1b.conv3d.weight"].transpose(2, 3, 4, 1, 0))
 
 
 def test_i3d_resizes_frames_to_224_with_tf1_bilinear():
