@@ -1,15 +1,16 @@
 """The CPU decode matmul kernel (sampling/cpu_matmul.cc) against NumPy's BLAS on the sampler's weight shapes.
 
     python -m par_jax.bench.matmul --rows=2,8,32,512,2048 --json=/tmp/matmul.json
-    python -m par_jax.bench.matmul --sources=/tmp/a.cc,/tmp/b.cc   # A/B two versions of the kernel source
+    python -m par_jax.bench.matmul --sources=/tmp/old.cc,/tmp/new.cc   # versions of the kernel source, A/B
 
-Every round times every variant once on every shape, in an order that rotates (interleaved, so a shared machine's
-drift hits all alike); the
-table gives each variant's median GFLOP/s and the median over rounds of its per-round time ratio to NumPy's
-`x @ w` (>1: faster than BLAS); with two sources, also the second's speed over the first's (median of per-round
-ratios, the ratio of the best times, and the median ratio of this process's CPU seconds per call, which a loaded
-machine disturbs least since time spent descheduled does not count). Few rows are bandwidth bound, so those shapes rotate through enough weight copies to
-miss the last-level cache as the sampler's weights do; many rows reuse one copy.
+Every round times every variant once on every shape (interleaved, so a shared machine's drift hits all alike): the
+kernels in an order that rotates, then NumPy's `x @ w`, then a pause (BLAS's worker threads spin a while after a call,
+taking CPU from whatever runs next). The table gives each variant's median GFLOP/s and the median over rounds of its
+per-round time ratio to NumPy's (>1: faster than BLAS); with several sources, also each one's speed over the first's:
+the median of per-round ratios, the ratio of the best times, and the median ratio of this process's CPU seconds per
+call (which a loaded machine disturbs least: time spent descheduled does not count). Few rows are bandwidth bound,
+so those shapes rotate through enough weight copies (64 MB) to miss the last-level cache as the sampler's weights do;
+many rows reuse one copy.
 """
 
 from __future__ import annotations
@@ -96,11 +97,12 @@ def main(argv):
     cpu_times = [{name: [] for name in fns} for _, _, fns, _ in cases]
     for r in range(FLAGS.rounds):
         for (shape, copies, fns, reps), t, c in zip(cases, times, cpu_times):
-            # The order rotates every round: BLAS's and XLA's worker threads spin a while after a call, taking CPU
-            # from whatever runs next.
-            order = list(fns)
-            for name in order[r % len(order):] + order[:r % len(order)]:
+            # The kernels' order rotates every round; NumPy goes last, then a pause: BLAS's worker threads spin a
+            # while after a call, taking CPU from whatever runs next.
+            order = [name for name in fns if name != "numpy"]
+            for name in order[r % len(order):] + order[:r % len(order)] + ["numpy"]:
                 t[name].append(_per_call(fns[name], copies, reps[name], c, name))
+            time.sleep(0.2)
     load_end = os.getloadavg()
     print(f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; {FLAGS.rounds} rounds")
     header = f"{'M':>5} {'K':>5} {'N':>5} {'numpy GF/s':>10}" + "".join(
@@ -116,12 +118,12 @@ def main(argv):
             gf = flops / statistics.median(t[name]) / 1e9
             row["kernels"][name] = {"gflops": gf, "vs_numpy": ratio}
             line += f" {gf:>23.1f} {ratio:>6.2f}"
-        if len(names) == 2:
-            ab = statistics.median(a / b for a, b in zip(t[names[0]], t[names[1]]))
-            best = min(t[names[0]]) / min(t[names[1]])
-            by_cpu = statistics.median(a / b for a, b in zip(c[names[0]], c[names[1]]))
-            row["second_vs_first"] = {"median_ratio": ab, "best_ratio": best, "cpu_time_ratio": by_cpu}
-            line += f"   B/A speed {ab:.3f} (best-of {best:.3f}, CPU time {by_cpu:.3f})"
+        for name in names[1:]:
+            ab = statistics.median(a / b for a, b in zip(t[names[0]], t[name]))
+            best = min(t[names[0]]) / min(t[name])
+            by_cpu = statistics.median(a / b for a, b in zip(c[names[0]], c[name]))
+            row["kernels"][name]["speed_vs_first"] = {"median_ratio": ab, "best_ratio": best, "cpu_time_ratio": by_cpu}
+            line += f"  {name[:10]}/first {ab:.3f} (best {best:.3f}, CPU {by_cpu:.3f})"
         print(line)
         rows.append(row)
     if FLAGS.json:
