@@ -157,7 +157,9 @@ def get_config(arg: str = ""):
         labels="uniform",         # "uniform" (i.i.d. random classes, the paper) | "balanced" (equal counts)
         resolution=256,           # samples are resized to this (the release's bicubic); 0 = keep the decoded size
         feature_network="inception",  # "inception" (ADM-comparable) | "fmnist_classifier" (offline; not comparable)
+                                      # video: "i3d" (FVD) | "video_classifier" (offline; not FVD)
         inception_weights="",     # pt_inception-2015-12-05-6726825d.pth (or .npz/.safetensors with its keys)
+        i3d_weights="",           # video: the Kinetics-400 I3D for FVD (feature_network="i3d"; docs/evaluation.md)
         classifier="workdirs/fmnist_classifier",  # trained on first use if absent
         feature_batch_size=64,
         reference="",             # ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz), or an image source

@@ -1,8 +1,12 @@
-"""The `demo` job: PAR end to end on Fashion-MNIST (see configs/demo.py).
+"""The `demo` job: PAR end to end on Fashion-MNIST (configs/demo.py) or on Moving Fashion-MNIST clips
+(configs/demo_video.py: the same phases with a video tokenizer, (t, h, w) codes, GIF samples and the video
+classifier's metrics; a config is a video one when `config.par.data.video_source` is set).
 
 Each phase runs an ordinary par_jax job in its own folder under the workdir and leaves a `phase.json` with its
 results and wall time; a re-run reuses finished phases (and the jobs themselves resume from their checkpoints). The
 phase machinery and the tokenizer, codes and classifier phases are `par_jax.phases`, shared with the ablation grid.
+With `config.demo.shared_dir` (a finished demo's workdir) the tokenizer, codes and classifier are that run's, so runs
+that differ only in the decoder (n, seed) share them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 from etils import epath
 
 from par_jax import phases as phases_lib
+from par_jax.core.config_args import UsageError
 
 PHASES = ("tokenizer", "codes", "par", "samples", "classifier", "eval", "report")
 
@@ -62,7 +67,11 @@ def run(config, workdir: str) -> dict[str, Any]:
     force = bool(config.demo.force)
     start = time.perf_counter()
     dirs = {name: root / name for name in PHASES}
+    shared = config.demo.get("shared_dir", "")
+    if shared:
+        dirs.update(_shared_dirs(epath.Path(shared), root))
     par = config.par
+    video = bool(par.data.get("video_source", ""))
     with par.unlocked():
         par.data.tokenizer = os.fspath(dirs["tokenizer"])
         par.data.codes_dir = os.fspath(dirs["codes"])
@@ -72,12 +81,18 @@ def run(config, workdir: str) -> dict[str, Any]:
     results: dict[str, dict] = {}
     phases = phases_lib.Phases(root, "demo", len(PHASES), force)
 
-    results["tokenizer"] = phases.run(
-        1, "tokenizer", f"training the VQ tokenizer ({config.tokenizer.train.num_steps} steps)",
-        lambda: phases_lib.train_tokenizer(config.tokenizer, dirs["tokenizer"]),
-        finished=lambda _: phases_lib.tokenizer_finished(dirs["tokenizer"]))
-    results["codes"] = phases.run(2, "codes", "extracting token codes of the training images",
-                                  lambda: phases_lib.extract_codes(par, config.demo.max_images))
+    what = "clips" if video else "images"
+    if shared:  # finished phases of another run: reused as they are, never trained again here
+        for name in ("tokenizer", "codes", "classifier"):
+            results[name] = dict(_finished(dirs[name], name), shared_from=os.fspath(dirs[name].parent))
+    else:
+        results["tokenizer"] = phases.run(
+            1, "tokenizer", f"training the {'video ' if video else ''}VQ tokenizer "
+                            f"({config.tokenizer.train.num_steps} steps)",
+            lambda: phases_lib.train_tokenizer(config.tokenizer, dirs["tokenizer"]),
+            finished=lambda _: phases_lib.tokenizer_finished(dirs["tokenizer"]))
+        results["codes"] = phases.run(2, "codes", f"extracting token codes of the training {what}",
+                                      lambda: phases_lib.extract_codes(par, config.demo.max_images))
     results["par"] = phases.run(
         3, "par", f"training PAR-{par.model.n}x ({par.train.num_steps} steps)",
         lambda: phases_lib.scalars(par_train.train_and_evaluate(par, os.fspath(dirs["par"])) or {}),
@@ -85,12 +100,22 @@ def run(config, workdir: str) -> dict[str, Any]:
 
     def sample():
         out = sample_job.run(par, os.fspath(root))  # writes root/samples/<settings>/
-        return {"png": phases_lib.relative(out["png"], root), "npz": phases_lib.relative(out["npz"], root)}
+        files = {"png": out["png"], "npz": out["npz"], "gif": out.get("gif")}
+        return {k: phases_lib.relative(v, root) for k, v in files.items() if v}
 
-    results["samples"] = phases.run(4, "samples", "sampling a grid with a row per class", sample)
-    results["classifier"] = phases.run(
-        5, "classifier", "the Fashion-MNIST classifier for evaluation",
-        lambda: phases_lib.train_classifier(par.eval.classifier, config.demo.classifier_steps))
+    results["samples"] = phases.run(4, "samples", f"sampling {'an animated ' if video else 'a '}grid with a row "
+                                                  f"per class", sample)
+    if not shared:
+        if video:
+            results["classifier"] = phases.run(
+                5, "classifier", "the Moving Fashion-MNIST video classifier for evaluation",
+                lambda: phases_lib.train_video_classifier(
+                    par.eval.classifier, config.demo.classifier_steps, config.demo.classifier_test_clips,
+                    num_frames=par.data.num_frames, frame_size=par.data.frame_size))
+        else:
+            results["classifier"] = phases.run(
+                5, "classifier", "the Fashion-MNIST classifier for evaluation",
+                lambda: phases_lib.train_classifier(par.eval.classifier, config.demo.classifier_steps))
 
     def evaluate():
         record = eval_job.run(par, os.fspath(root))  # writes root/eval/<name>/results.json
@@ -109,6 +134,9 @@ def run(config, workdir: str) -> dict[str, Any]:
             out.update(loss_png=os.fspath(path), first_loss=float(loss[0]), last_loss=float(loss[-1]))
         shutil.copy(os.fspath(root / results["samples"]["png"]), dirs["report"] / "samples.png")  # relative to root
         out["samples_png"] = os.fspath(dirs["report"] / "samples.png")
+        if results["samples"].get("gif"):
+            shutil.copy(os.fspath(root / results["samples"]["gif"]), dirs["report"] / "samples.gif")
+            out["samples_gif"] = os.fspath(dirs["report"] / "samples.gif")
         return out
 
     results["report"] = phases.run(7, "report", "loss curve and summary", report, force=True)
@@ -116,23 +144,41 @@ def run(config, workdir: str) -> dict[str, Any]:
     summary = {"wall_seconds_this_run": total, "phase_seconds": {k: v["seconds"] for k, v in results.items()},
                "results": results}
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=phases_lib.jsonable))
-    _print_summary(root, results, total)
+    _print_summary(root, dirs, results, total)
     return summary
 
 
-def _print_summary(root: epath.Path, results: dict, total: float) -> None:
+def _shared_dirs(shared: epath.Path, root: epath.Path) -> dict[str, epath.Path]:
+    """The tokenizer, codes and classifier folders of the finished demo in `shared` (not this run's own)."""
+    if shared.resolve() == root.resolve():
+        raise UsageError(f"config.demo.shared_dir is this run's own workdir {root}; leave it empty, or name another "
+                         f"finished demo's workdir.")
+    return {name: shared / name for name in ("tokenizer", "codes", "classifier")}
+
+
+def _finished(directory: epath.Path, name: str) -> dict:
+    marker = directory / phases_lib.MARKER
+    if not marker.exists():
+        raise UsageError(f"config.demo.shared_dir: {directory} has no finished {name} phase ({phases_lib.MARKER} "
+                         f"missing); run that demo to the end first, or leave shared_dir empty.")
+    return json.loads(marker.read_text())
+
+
+def _print_summary(root: epath.Path, dirs: dict, results: dict, total: float) -> None:
     ev = results["eval"]
+    samples = results["samples"]
     lines = [
         "",
         f"PAR demo finished in {total / 60:.1f} min. Everything is under {root}:",
-        f"  tokenizer checkpoint     {root / 'tokenizer'}",
-        f"  training codes           {root / 'codes'}",
+        f"  tokenizer checkpoint     {dirs['tokenizer']}",
+        f"  training codes           {dirs['codes']}",
         f"  PAR checkpoints, curves  {root / 'par'}   (tensorboard --logdir {root})",
-        f"  sample grid (row/class)  {root / results['samples']['png']}",
+        f"  sample grid (row/class)  {root / samples.get('gif', samples['png'])}",
         f"  loss curve               {results['report'].get('loss_png', '-')}",
         f"  metrics                  {root / 'eval'}   "
-        + ", ".join(f"{k}={ev[k]:.4g}" for k in ("fid", "inception_score", "precision", "recall",
-                                                 "class_consistency") if isinstance(ev.get(k), (int, float))),
+        + ", ".join(f"{k}={ev[k]:.4g}" for k in ("fid", "fd_video_classifier", "fvd", "inception_score",
+                                                 "precision", "recall", "class_consistency")
+                    if isinstance(ev.get(k), (int, float))),
         f"  summary                  {root / 'summary.json'}",
     ]
     print("\n".join(lines), flush=True)

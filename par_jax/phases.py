@@ -5,7 +5,8 @@ A phase is one ordinary par_jax job run into its own folder under the workdir. W
 jobs themselves resume from their checkpoints when a phase was interrupted. A finished phase whose recorded protocol
 differs from the one asked for now is refused, never silently reused or overwritten.
 
-The shared phases: train the Fashion-MNIST VQ tokenizer, encode images into codes, train the evaluation classifier.
+The shared phases: train the Fashion-MNIST VQ tokenizer (image or video), encode images or clips into codes, train the
+evaluation classifier (image or video).
 """
 
 from __future__ import annotations
@@ -159,6 +160,16 @@ def train_classifier(directory, steps: int) -> dict:
     """The offline Fashion-MNIST evaluation classifier (trained once, reused)."""
     from par_jax.evaluation import classifier as classifier_lib  # noqa: PLC0415
     _, meta = classifier_lib.load_or_train(directory, classifier_lib.TrainSettings(steps=int(steps)))
+    return scalars(meta)
+
+
+def train_video_classifier(directory, steps: int, test_clips: int = 1000, *, num_frames: int = 17,
+                           frame_size: int = 32) -> dict:
+    """The offline Moving Fashion-MNIST video classifier for the video metrics (trained once, reused)."""
+    from par_jax.evaluation import video_classifier  # noqa: PLC0415
+    settings = video_classifier.TrainSettings(steps=int(steps), test_clips=int(test_clips), num_frames=int(num_frames),
+                                              frame_size=int(frame_size))
+    _, meta = video_classifier.load_or_train(directory, settings)
     return scalars(meta)
 
 

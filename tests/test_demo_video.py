@@ -1,0 +1,69 @@
+"""The video demo's quick variant end to end through the real entry point (configs/demo_video.py:quick), and a second
+run that reuses the first run's tokenizer, codes and classifier (config.demo.shared_dir) to train another decoder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(workdir, *extra, check=True):
+    cmd = [sys.executable, "-m", "par_jax.main", *extra, f"--workdir={workdir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+def test_quick_video_demo_end_to_end_then_a_second_decoder_on_its_shared_phases(tmp_path):
+    first = tmp_path / "video"
+    out = _run(first, "--config=configs/demo_video.py:quick").stdout
+    for i, phase in enumerate(("tokenizer", "codes", "par", "samples", "classifier", "eval", "report"), 1):
+        assert f"[demo {i}/7] {phase}" in out
+    results = json.loads((first / "summary.json").read_text())["results"]
+    assert results["codes"]["clips"] == 64
+    meta = json.loads((first / "codes" / "metadata.json").read_text())
+    assert meta["grid_shape"] == [5, 8, 8] and meta["num_frames"] == 17  # 17 frames of 32 px -> 5x8x8 codes
+    assert results["par"]["step"] == 6 and np.isfinite(results["par"]["loss"])
+    ev = results["eval"]
+    for key in ("fd_video_classifier", "precision", "recall", "class_consistency"):
+        assert np.isfinite(ev[key]), key
+    assert "fid" not in ev and "fvd" not in ev  # the classifier's distance is never reported as FID or FVD
+
+    with np.load(first / results["samples"]["npz"]) as f:
+        clips, labels = f["arr_0"], f["arr_1"]
+    assert clips.shape == (10, 17, 32, 32, 3) and clips.dtype == np.uint8
+    assert sorted(labels.tolist()) == list(range(10))  # a row per class
+    gif = Image.open(first / "report" / "samples.gif")
+    assert gif.n_frames == 17  # decoded through the causal tokenizer: 5 latent frames -> 17 frames
+    strip = np.asarray(Image.open(first / "report" / "samples.png"))
+    assert strip.ndim == 3 and strip.std() > 0
+
+    # Another seed's decoder on the first run's tokenizer, codes and classifier: those phases are not run again.
+    second = tmp_path / "video_seed1"
+    out = _run(second, "--config=configs/demo_video.py:quick,seed=1", f"--config.demo.shared_dir={first}").stdout
+    assert "[demo 1/7]" not in out and "[demo 2/7]" not in out and "[demo 5/7]" not in out
+    assert "[demo 3/7] par" in out and "[demo 6/7] eval" in out
+    again = json.loads((second / "summary.json").read_text())["results"]
+    assert again["tokenizer"]["shared_from"] == str(first)
+    assert not (second / "tokenizer").exists() and not (second / "codes").exists()
+    with np.load(second / again["samples"]["npz"]) as f:
+        assert f["arr_0"].shape == clips.shape and not np.array_equal(f["arr_0"], clips)  # another decoder
+
+
+def test_shared_dir_must_hold_finished_phases(tmp_path):
+    (tmp_path / "unfinished" / "tokenizer").mkdir(parents=True)
+    proc = _run(tmp_path / "run", "--config=configs/demo_video.py:quick",
+                f"--config.demo.shared_dir={tmp_path / 'unfinished'}", check=False)
+    assert proc.returncode != 0
+    assert "has no finished tokenizer phase" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "par").exists()  # refused before any training
