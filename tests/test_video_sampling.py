@@ -138,3 +138,28 @@ def test_bench_sample_reads_video_grids_and_refuses_others():
         with pytest.raises(config_args.UsageError, match=r"HxW .* or TxHxW for video .*every size positive"):
             bench_sample.settings_from_flags(config_args.parse_flags(["bench", f"--grid={bad}"],
                                                                      bench_sample.define_flags))
+
+
+def test_training_plugins_on_a_video_model_write_a_gif_and_video_metrics(video_tok, tmp_path):
+    """The loop's `samples` plug-in writes an animated GIF for a (t, h, w) decoder, and its `eval` plug-in scores
+    clips with a video network against clips of a video source."""
+    from par_jax.evaluation import video_classifier
+    from par_jax.training import train
+    tok_path, tok = video_tok
+    video_codes(tmp_path / "codes", tok)
+    classifier = tmp_path / "classifier"
+    video_classifier.save(classifier, video_classifier.VideoClassifier(rngs=nnx.Rngs(0)), {"test_accuracy": 0.0})
+    config = make_config(tmp_path / "codes", tok_path)
+    config.train.update(sample_every_steps=3, sample_num_images=4)
+    config.eval.update(feature_network="video_classifier", classifier=str(classifier), reference="moving_synthetic",
+                       reference_split="test", reference_count=8, resolution=0, batch_size=4,
+                       metrics="fvd,class_consistency", fid_min_samples=2)
+    config.evals.eval = dict(every_steps=3, num_samples=4)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    from par_jax.demo import read_scalar_curve  # the loop writes its plug-ins' results to TensorBoard
+    steps, distance = read_scalar_curve(str(tmp_path / "run"), "eval/eval/fd_video_classifier")
+    assert steps.tolist() == [3] and np.isfinite(distance[0])
+    _, consistency = read_scalar_curve(str(tmp_path / "run"), "eval/eval/class_consistency")
+    assert 0 <= consistency[0] <= 1
+    with Image.open(tmp_path / "run" / "samples" / "step_00000003.gif") as gif:
+        assert gif.n_frames == FRAMES

@@ -3,7 +3,8 @@
 Every `config.train.sample_every_steps` steps (or `config.evals.samples = dict(every_steps=N, num_images=16)`), draw
 `num_images` samples of the current model, one per class in turn (classes 0, 1, 2, ...), decode them with the run's
 tokenizer and write one PNG grid to WORKDIR/samples/step_<step>.png and, when the loop passes its writer, to
-TensorBoard as `samples`.
+TensorBoard as `samples`. A video decoder's clips make an animated WORKDIR/samples/step_<step>.gif instead (and a
+strip of its frames in TensorBoard).
 
 Several processes: every process samples its share of the labels on its own devices (parameters split over
 processes are gathered first), the images are gathered to every process, and process 0 writes the PNG (the other
@@ -25,6 +26,7 @@ from par_jax.data import pipeline
 from par_jax.evaluation import features as features_lib
 from par_jax.evaluation import generate
 from par_jax.utils import images as images_lib
+from par_jax.utils import video as video_utils
 
 SAMPLES_DIR = "samples"
 
@@ -60,6 +62,13 @@ class SampleGrid:
             from par_jax import tokenizer as tokenizer_lib  # noqa: PLC0415
             self.tokenizer = tokenizer_lib.load(self.tokenizer_path, codes_dir=self.codes_dir)
         grid = self.picture(model, step)
+        if grid.ndim == 4:  # clips (T, H, W, 3): an animated GIF, and its frames as one strip for TensorBoard
+            if jax.process_index() == 0:
+                path = video_utils.write_gif(grid, grid_path(workdir, step).with_suffix(".gif"))
+                logging.info("wrote the sample clips of step %d to %s", step, path)
+            if writer is not None:
+                writer.write_images(step, {"samples": video_utils.frame_strip(grid)[None]})
+            return {}
         if jax.process_index() == 0:
             path = images_lib.save_png(grid_path(workdir, step), grid)
             logging.info("wrote the sample grid of step %d to %s", step, path)
@@ -77,4 +86,8 @@ class SampleGrid:
         pictures = [features_lib.gather(images) for images, _ in
                     generate.generate(model, self.tokenizer, labels, self.settings, key=key, batch_size=batch,
                                       resolution=0, what=f"sample grid at step {step}")]
-        return images_lib.make_grid(np.concatenate(pictures), rows=max(1, int(math.sqrt(self.num_images))))
+        pictures = np.concatenate(pictures)
+        rows = max(1, int(math.sqrt(self.num_images)))
+        if pictures.ndim == 5:  # clips of a (t, h, w) decoder: one animated grid (T, H', W', 3)
+            return video_utils.clip_grid(pictures, rows=rows)
+        return images_lib.make_grid(pictures, rows=rows)
