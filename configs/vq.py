@@ -7,7 +7,9 @@ Arguments (comma-separated, all optional):
                  codebook losses only, minutes on a CPU
   video          the causal 3D video tokenizer (MAGVIT-v2 style) on moving Fashion-MNIST: 17 frames at 32 px ->
                  5 x 8 x 8 codes (4x in time: the first frame alone, then groups of 4; 4x in space), 512 codes of
-                 dim 8, widths 8/16/32 (0.58M parameters), L2 and codebook losses, batch 8, 300 steps. Measured
+                 dim 8, widths 8/16/32 (0.58M parameters), L2 and codebook losses, batch 8, 300 steps; its 3D
+                 kernels start on the newest frame(s) only (VideoVQConfig.inflate_init) and codes unused for 10 steps
+                 are re-seeded from the batch's encoder outputs (train.dead_code_restart=10; images: 0, off). Measured
                  on this project's 2-core CPU while it was shared with other jobs (load average ~17): 2.2 s per
                  step at batch 8 after a ~65 s compile, so about 12 minutes in all; a quiet machine is faster
   video,per_frame  the per-frame baseline: the image encoder/decoder on every frame, 17 x 8 x 8 codes
@@ -74,7 +76,7 @@ def _video_config(config, a) -> ml_collections.ConfigDict:
         eps=1e-8, weight_decay=0.0, grad_clip=1.0))
     config.train = ml_collections.ConfigDict(dict(
         batch_size=VIDEO_BATCH, num_steps=VIDEO_STEPS, log_every=25, eval_every=VIDEO_STEPS, checkpoint_every=100,
-        keep_checkpoints=2, grid_images=8))
+        keep_checkpoints=2, grid_images=8, dead_code_restart=10))
     # Counts are clips; the garment moves over the whole canvas, so every pixel is scored (crop 0).
     config.eval = ml_collections.ConfigDict(dict(batch_size=16, num_images=64, final_num_images=256, crop=0,
                                                  tokenizer=""))
@@ -120,7 +122,7 @@ def get_config(arg: str = ""):
         batch = 128
         config.train = ml_collections.ConfigDict(dict(
             batch_size=batch, num_steps=40 * IMAGENET_TRAIN_IMAGES // batch, log_every=100, eval_every=10_000,
-            checkpoint_every=5_000, keep_checkpoints=3, grid_images=32))
+            checkpoint_every=5_000, keep_checkpoints=3, grid_images=32, dead_code_restart=0))
         config.eval = ml_collections.ConfigDict(dict(batch_size=64, num_images=1_000, final_num_images=50_000,
                                                      crop=0, tokenizer=""))
     else:
@@ -138,7 +140,7 @@ def get_config(arg: str = ""):
             eps=1e-8, weight_decay=0.0, grad_clip=1.0))
         config.train = ml_collections.ConfigDict(dict(
             batch_size=32, num_steps=1_500, log_every=100, eval_every=500, checkpoint_every=250,
-            keep_checkpoints=2, grid_images=32))
+            keep_checkpoints=2, grid_images=32, dead_code_restart=0))
         # Scores use the 28x28 centre (the original image), not the black padding.
         config.eval = ml_collections.ConfigDict(dict(batch_size=250, num_images=1_000, final_num_images=0,
                                                      crop=28, tokenizer=""))

@@ -204,3 +204,34 @@ def test_train_tokenizer_job_on_clips_writes_a_gif_and_an_export_that_loads(tmp_
     with pytest.raises(Exception, match=r"1 \+ 4k frames"):
         train.train_and_evaluate(config, str(tmp_path / "bad"))
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+# ----- dead-code restarts -------------------------------------------------------------------------------------------
+
+def test_dead_code_restart_reseeds_only_codes_unused_long_enough_from_the_batch_latents():
+    from par_jax.tokenizer import train
+
+    emb = jnp.arange(12.0).reshape(4, 3)
+    params = {"quantize": {"embedding": emb}, "decoder": {"w": jnp.ones(2)}}
+    latent = 100 + jnp.arange(2 * 3 * 3.0).reshape(2, 3, 3)  # 6 latents of dim 3, all far from the codebook
+    hist = jnp.array([5, 0, 0, 1])
+    age = jnp.array([7, 2, 0, 9])  # code 1 reaches 3 unused steps now, code 2 only 1
+    new, new_age, n = train.restart_dead_codes(params, age, hist, latent, jax.random.key(0), after=3)
+    new_emb = np.asarray(new["quantize"]["embedding"])
+    assert int(n) == 1 and new_age.tolist() == [0, 0, 1, 0]
+    np.testing.assert_array_equal(new_emb[[0, 2, 3]], np.asarray(emb)[[0, 2, 3]])
+    assert any(np.array_equal(new_emb[1], row) for row in np.asarray(latent).reshape(-1, 3))
+    assert new["decoder"] is params["decoder"]
+
+
+def test_inflate_init_starts_every_causal_kernel_on_its_newest_frames_only():
+    def kernels(cfg):
+        m = video_vq.VideoVQModel(cfg, rngs=nnx.Rngs(0))
+        return {m.encoder.conv_in: 1, m.encoder.conv_blocks[0].downsample.conv: 2,
+                m.decoder.conv_blocks[0].res[0].conv1: 1}
+
+    for conv, live in kernels(tiny()).items():
+        k = np.abs(np.asarray(conv.kernel[...])).sum(axis=(1, 2, 3, 4))
+        assert (k[:-live] == 0).all() and (k[-live:] > 0).all(), k
+    for conv in kernels(tiny(inflate_init=False)):  # the old init: random on every frame
+        assert (np.abs(np.asarray(conv.kernel[...])).sum(axis=(1, 2, 3, 4)) > 0).all()

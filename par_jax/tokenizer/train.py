@@ -124,11 +124,33 @@ def init_state(cfg, loss_cfg, seed: int, tx, disc_tx) -> dict:
     return state_from_params(params, disc_params, tx, disc_tx)
 
 
+def with_code_ages(state: dict, codebook_size: int) -> dict:
+    """The state a step with dead-code restarts takes: plus "code_age" (K,) int32, the steps since each code was
+    last chosen. Checkpoints leave it out (a resumed run counts from zero again), so they keep one format."""
+    return {**state, "code_age": jnp.zeros((codebook_size,), jnp.int32)}
+
+
+def restart_dead_codes(params, code_age, hist, latent, key, after: int):
+    """Dead-code restart: every code not chosen for `after` consecutive steps is replaced by an encoder output of
+    this batch (distinct ones while the batch has at least as many latents as the codebook has codes), so it sits
+    where the encoder puts its outputs and gets chosen again. Returns (params, code_age, number restarted)."""
+    emb = params["quantize"]["embedding"]
+    z = latent.reshape(-1, latent.shape[-1]).astype(emb.dtype)
+    age = jnp.where(hist > 0, 0, code_age + 1)
+    dead = age >= after
+    picks = jax.random.choice(key, z.shape[0], (emb.shape[0],), replace=z.shape[0] < emb.shape[0])
+    emb = jnp.where(dead[:, None], z[picks], emb)
+    params = {**params, "quantize": {**params["quantize"], "embedding": emb}}
+    return params, jnp.where(dead, 0, age), jnp.sum(dead)
+
+
 # ----- the update step ----------------------------------------------------------------------------------------
 
-def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, perceptual, gan: bool, cfg):
+def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, perceptual, gan: bool, cfg,
+               restart: int = 0):
     """One generator update (and one discriminator update when `gan`). images: uint8 (B, S, S, 3), or clips
-    (B, T, S, S, 3) for a video tokenizer.
+    (B, T, S, S, 3) for a video tokenizer. `restart` > 0 re-seeds codes unused for that many steps
+    (`restart_dead_codes`; the state then carries "code_age", see `with_code_ages`).
 
     Returns (state, metrics dict of scalars, code histogram (K,)).
     """
@@ -151,9 +173,9 @@ def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, p
             g = losses_lib.hinge_g_loss(disc(frames(recon)))
             total = total + loss_cfg.disc_weight * g
             aux["generator_adv"] = g
-        return total, (aux, recon, q.codes)
+        return total, (aux, recon, q.codes, q.latent)
 
-    (loss, (aux, recon, codes)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state["params"])
+    (loss, (aux, recon, codes, latent)), grads = jax.value_and_grad(generator_loss, has_aux=True)(state["params"])
     updates, opt_vq = tx.update(grads, state["opt_state"]["vq"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates),
@@ -176,8 +198,13 @@ def train_step(state, images, rng, *, vq_def, disc_def, tx, disc_tx, loss_cfg, p
                                       "opt_state": dopt}
         metrics.update(disc_loss=d_loss, logits_real=lr_, logits_fake=lf_, disc_grad_norm=optax.global_norm(dgrads))
 
+    hist = losses_lib.code_histogram(codes, cfg.codebook_size)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-    return new_state, metrics, losses_lib.code_histogram(codes, cfg.codebook_size)
+    if restart:
+        key = jax.random.fold_in(jax.random.fold_in(rng, state["step"]), 1)
+        new_state["params"], new_state["code_age"], metrics["restarted_codes"] = restart_dead_codes(
+            params, state["code_age"], hist, latent, key, restart)
+    return new_state, metrics, hist
 
 
 def psnr(x, y):
@@ -229,6 +256,8 @@ def _check_config(config, cfg):
                         cfg.image_size, d.image_size)
     if t.num_steps < 1 or t.batch_size < 1 or t.log_every < 1:
         raise UsageError("train.num_steps, train.batch_size and train.log_every must be positive.")
+    if t.get("dead_code_restart", 0) < 0:
+        raise UsageError("train.dead_code_restart must be >= 0 (0: off; n: re-seed codes unused for n steps).")
     if config.loss.disc_weight > 0 and config.loss.disc_start < 0:
         raise UsageError("loss.disc_start must be >= 0.")
 
@@ -387,13 +416,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if state is None:
             state = jax.jit(functools.partial(init_state, cfg, loss_cfg, config.seed, tx, disc_tx),
                             out_shardings=state_shardings)()
+        # Dead-code restarts carry each code's age through the steps, outside the checkpointed state.
+        restart = int(t.get("dead_code_restart", 0))
+        step_shardings = state_shardings
+        if restart:
+            step_shardings = dict(state_shardings, code_age=replicated)
+            state = jax.device_put(with_code_ages(state, cfg.codebook_size), step_shardings)
 
         # The update steps: without and with the adversarial loss (switched on at loss.disc_start).
         def make_step(gan: bool):
             fn = functools.partial(train_step, vq_def=vq_def, disc_def=disc_def, tx=tx, disc_tx=disc_tx,
-                                   loss_cfg=loss_cfg, perceptual=perceptual, gan=gan, cfg=cfg)
-            return jax.jit(fn, in_shardings=(state_shardings, batch_sharding, replicated),
-                           out_shardings=(state_shardings, replicated, replicated), donate_argnums=0)
+                                   loss_cfg=loss_cfg, perceptual=perceptual, gan=gan, cfg=cfg, restart=restart)
+            return jax.jit(fn, in_shardings=(step_shardings, batch_sharding, replicated),
+                           out_shardings=(step_shardings, replicated, replicated), donate_argnums=0)
         steps = {False: make_step(False)}
         if loss_cfg.disc_weight > 0:
             steps[True] = make_step(True)
@@ -421,9 +456,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     means["learning_rate"] = float(schedule(step))
                     means["images_per_sec"] = len(window) * t.batch_size / (time.perf_counter() - window_start)
                     writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
-                    logging.info("step %d: loss %.4f, rec %.4f, psnr %.2f, codes used %.1f%% (%d dead), %.1f img/s",
+                    logging.info("step %d: loss %.4f, rec %.4f, psnr %.2f, codes used %.1f%% (%d dead%s), %.1f img/s",
                                  step, means["loss"], means["reconstruction"], means["psnr"], 100 * means["code_usage"],
-                                 means["code_dead_codes"], means["images_per_sec"])
+                                 means["code_dead_codes"],
+                                 f", {means['restarted_codes']:.1f} restarted a step" if restart else "",
+                                 means["images_per_sec"])
                     window, window_hist, window_start = [], None, time.perf_counter()
 
                 last = step == t.num_steps
@@ -441,7 +478,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 preempted = run.preempted(step)
                 if last or preempted or run.should_save(step):
                     # Every metric of this step, the norm of the parameters being saved among them, must be finite.
-                    run.save(step, state, data_iter, cfg, health=metrics, force=last or preempted,
+                    saved = {k: v for k, v in state.items() if k != "code_age"}
+                    run.save(step, saved, data_iter, cfg, health=metrics, force=last or preempted,
                              hint=NONFINITE_HINT)
                 if preempted and not last:
                     logging.warning("stopped at step %d after a preemption signal; rerun the same command to resume.",

@@ -325,6 +325,8 @@ class Quantized(NamedTuple):
     codes: jax.Array           # (B, h, w) int32
     codebook_loss: jax.Array   # mean ||sg(z) - e||^2: moves the codebook towards the encoder outputs
     commit_loss: jax.Array     # beta * mean ||z - sg(e)||^2: keeps the encoder near its codes
+    latent: jax.Array | None = None  # (B, h, w, D) float32: the encoder output looked up (normalised when l2_norm);
+                                     # training re-seeds dead codes from it (train.dead_code_restart)
 
 
 class VectorQuantizer(nnx.Module):
@@ -370,7 +372,7 @@ class VectorQuantizer(nnx.Module):
         sg = jax.lax.stop_gradient
         codebook_loss = jnp.mean((e - sg(z)) ** 2)
         commit_loss = self.config.commitment * jnp.mean((sg(e) - z) ** 2)
-        return Quantized(z + sg(e - z), codes, codebook_loss, commit_loss)
+        return Quantized(z + sg(e - z), codes, codebook_loss, commit_loss, sg(z))
 
 
 # ----------------------------------------------------------------------------------------------------------------
