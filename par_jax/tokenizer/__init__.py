@@ -34,7 +34,8 @@ __all__ = ["CONFIGS", "Quantized", "VQConfig", "VQModel", "VideoVQConfig", "Vide
            "fingerprint"]
 
 # Fields that change only how the model runs, not what its parameters mean.
-RUNTIME_FIELDS = frozenset({"dtype", "dropout", "image_size", "frame_size", "num_frames"})
+# inflate_init only chooses the video kernels' starting values: a checkpoint trained either way loads under both.
+RUNTIME_FIELDS = frozenset({"dtype", "dropout", "image_size", "frame_size", "num_frames", "inflate_init"})
 
 AnyConfig = Union[VQConfig, VideoVQConfig]
 AnyModel = Union[VQModel, VideoVQModel]
