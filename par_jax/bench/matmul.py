@@ -128,7 +128,7 @@ def main(argv):
         rows.append(row)
     if FLAGS.json:
         Path(FLAGS.json).write_text(json.dumps({"load_start": load_start, "load_end": load_end,
-                                                "rounds": FLAGS.rounds, "sources": [str(s) for s in sources],
+                                                "rounds": FLAGS.rounds, "sources": names,
                                                 "rows": rows}, indent=1))
 
 
