@@ -91,7 +91,9 @@ def _video_config(config, a) -> ml_collections.ConfigDict:
 def get_config(arg: str = ""):
     a = config_args.parse_arg(arg, vq16=False, fmnist=False, video=False, per_frame=False, res=256, runlocal=False)
     if a.vq16 + a.fmnist + a.video > 1:
-        raise config_args.UsageError("config arguments vq16, fmnist and video exclude each other; choose one.")
+        given = [name for name in ("vq16", "fmnist", "video") if getattr(a, name)]
+        raise config_args.UsageError(f"config arguments {' and '.join(given)} exclude each other; choose one of "
+                                     f"vq16, fmnist, video.")
     if a.per_frame and not a.video:
         raise config_args.UsageError("config argument per_frame chooses the video baseline; use video,per_frame.")
     name = "fmnist" if a.fmnist else "vq16"
