@@ -30,7 +30,6 @@ import numpy as np
 from flax import nnx
 
 from par_jax.tokenizer import vq
-from par_jax.tokenizer.vq import Quantized
 from par_jax.utils import rng as rng_lib
 
 KINDS = ("causal3d", "per_frame")
@@ -394,29 +393,28 @@ class PerFrame(nnx.Module):
 # The model
 
 
-class VideoVQModel(nnx.Module):
+class VideoVQModel(vq.Autoencoder):
     """encode: clips (B, T, H, W, 3) in [-1, 1] -> codes (B, T', H', W') int32; decode: codes -> clips in [-1, 1]."""
 
     is_video = True
+    code_ndim = 4
+    code_grid_hint = "(batch, frames, height, width) grids of video codes"
 
     def __init__(self, cfg: VideoVQConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         if cfg.kind == "causal3d":
             self.encoder = Encoder3d(cfg, rngs)
             self.decoder = Decoder3d(cfg, rngs)
-            self.quant_conv = CausalConv3d(cfg, cfg.z_channels, cfg.codebook_dim, 1, rngs)
-            self.post_quant_conv = CausalConv3d(cfg, cfg.codebook_dim, cfg.z_channels, 1, rngs)
         else:
             # The image blocks read only fields the video config shares with VQConfig.
             self.encoder = PerFrame(vq.Encoder(cfg, rngs))
             self.decoder = PerFrame(vq.Decoder(cfg, rngs))
-            self.quant_conv = CausalConv3d(cfg, cfg.z_channels, cfg.codebook_dim, 1, rngs)
-            self.post_quant_conv = CausalConv3d(cfg, cfg.codebook_dim, cfg.z_channels, 1, rngs)
+        self.quant_conv = CausalConv3d(cfg, cfg.z_channels, cfg.codebook_dim, 1, rngs)
+        self.post_quant_conv = CausalConv3d(cfg, cfg.codebook_dim, cfg.z_channels, 1, rngs)
         self.quantize = vq.VectorQuantizer(cfg, rngs)
 
-    # ----- checks (static ones always; value checks only on concrete arrays, outside jit) -----
-
-    def check_clips(self, clips):
+    def check_inputs(self, clips):
+        """Static checks always; value checks only on concrete arrays, outside jit."""
         cfg = self.config
         if clips.ndim != 5 or clips.shape[-1] != cfg.in_channels:
             hint = (" (one clip? add a batch axis: clips[None])" if clips.ndim == 4 else
@@ -430,66 +428,7 @@ class VideoVQModel(nnx.Module):
         if not jnp.issubdtype(clips.dtype, jnp.floating):
             raise ValueError(f"clips must be floats in [-1, 1]; got dtype {clips.dtype} (convert uint8 frames with "
                              f"x / 127.5 - 1).")
-        if vq._is_concrete(clips) and clips.size:
-            lo, hi = float(jnp.min(clips)), float(jnp.max(clips))
-            if lo < -1.001 or hi > 1.001:
-                raise ValueError(f"clips must lie in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] (convert uint8 "
-                                 f"frames with x / 127.5 - 1).")
-
-    def check_codes(self, codes):
-        if codes.ndim != 4:
-            raise ValueError(f"video codes must be (batch, frames, height, width) grids; got shape "
-                             f"{tuple(codes.shape)} (reshape raster-order (B, N) tokens to the (T', H', W') grid "
-                             f"first).")
-        if not jnp.issubdtype(codes.dtype, jnp.integer):
-            raise ValueError(f"codes must be integers; got dtype {codes.dtype}.")
-        if vq._is_concrete(codes) and codes.size:
-            lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
-            if lo < 0 or hi >= self.config.codebook_size:
-                raise ValueError(f"codes must lie in [0, {self.config.codebook_size}); got values in [{lo}, {hi}] "
-                                 f"(tokens from a model with another vocabulary?).")
-
-    # ----- the pieces -----
-
-    def encode_latent(self, clips, rng=None):
-        """Continuous latents (B, T', H', W', codebook_dim) before quantization."""
-        self.check_clips(clips)
-        return self.quant_conv(self.encoder(clips.astype(jnp.dtype(self.config.dtype)), rng))
-
-    def decode_latent(self, z_q, rng=None):
-        """Clips (B, T, H, W, C) from quantized latents, unclipped (training's reconstruction)."""
-        self.quantize._check_dim(z_q, "the quantized latent to decode")
-        z = self.post_quant_conv(z_q.astype(jnp.dtype(self.config.dtype)))
-        return self.decoder(z, rng).astype(jnp.float32)
-
-    def __call__(self, clips, rng=None) -> tuple[jax.Array, Quantized]:
-        """Training forward: (reconstruction (B, T, H, W, C) float32, Quantized). A key turns dropout on."""
-        r_enc, r_dec = rng_lib.split(rng, 2)
-        q = self.quantize(self.encode_latent(clips, r_enc))
-        return self.decode_latent(q.z_q, r_dec), q
-
-    # ----- the public interface -----
-
-    def encode(self, clips):
-        """clips (B, T, H, W, C) float in [-1, 1] -> codes (B, T', H', W') int32 (`config.latent_shape`)."""
-        self.check_clips(clips)
-        return _encode(self, clips) if vq._is_concrete(clips) else self._encode(clips)
-
-    def decode(self, codes):
-        """codes (B, T', H', W') int -> clips (B, T, H, W, C) float32 in [-1, 1] (T = `config.num_frames_of(T')`)."""
-        self.check_codes(codes)
-        return _decode(self, codes) if vq._is_concrete(codes) else self._decode(codes)
-
-    def _encode(self, clips):
-        return self.quantize.nearest(self.encode_latent(clips))
-
-    def _decode(self, codes):
-        return jnp.clip(self.decode_latent(self.quantize.lookup(codes)), -1.0, 1.0)
-
-
-# One compiled program per eager call, the model an argument (as in vq.py).
-_encode = nnx.jit(lambda model, clips: model._encode(clips))
-_decode = nnx.jit(lambda model, codes: model._decode(codes))
+        self._check_range(clips, "clips", "convert uint8 frames with x / 127.5 - 1")
 
 
 def param_shapes(cfg: VideoVQConfig) -> dict[str, tuple[int, ...]]:

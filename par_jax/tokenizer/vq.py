@@ -383,10 +383,81 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-class VQModel(nnx.Module):
-    """encode: images (B, H, W, C) in [-1, 1] -> codes (B, H/f, W/f) int32; decode: codes -> images in [-1, 1]."""
+class Autoencoder(nnx.Module):
+    """What the image and the video tokenizer share: encoder -> quant_conv -> quantize -> post_quant_conv -> decoder.
+
+    A subclass builds those five modules and says what its inputs and code grids look like (`check_inputs`,
+    `code_ndim`, `code_grid_hint`); the forward passes, the value checks and the compiled eager calls live here once.
+    """
 
     is_video = False  # video tokenizers (video_vq.VideoVQModel) say True; callers branch on it, not on the class
+    code_ndim = 3  # (batch, height, width); video codes add a frame axis
+    code_grid_hint = "(batch, height, width) token grids"
+
+    def check_inputs(self, x):
+        raise NotImplementedError
+
+    def check_codes(self, codes):
+        if codes.ndim != self.code_ndim:
+            raise ValueError(f"codes must be {self.code_grid_hint}; got shape {tuple(codes.shape)} (reshape "
+                             f"raster-order (B, N) tokens to the grid first).")
+        if not jnp.issubdtype(codes.dtype, jnp.integer):
+            raise ValueError(f"codes must be integers; got dtype {codes.dtype}.")
+        if _is_concrete(codes) and codes.size:
+            lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
+            if lo < 0 or hi >= self.config.codebook_size:
+                raise ValueError(f"codes must lie in [0, {self.config.codebook_size}); got values in [{lo}, {hi}] "
+                                 f"(tokens from a model with another vocabulary?).")
+
+    def _check_range(self, x, what: str, hint: str):
+        if _is_concrete(x) and x.size:
+            lo, hi = float(jnp.min(x)), float(jnp.max(x))
+            if lo < -1.001 or hi > 1.001:
+                raise ValueError(f"{what} must lie in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] ({hint}).")
+
+    # ----- the pieces -----
+
+    def encode_latent(self, x, rng=None):
+        """Continuous latents (B, *grid, codebook_dim) before quantization."""
+        self.check_inputs(x)
+        return self.quant_conv(self.encoder(x.astype(jnp.dtype(self.config.dtype)), rng))
+
+    def decode_latent(self, z_q, rng=None):
+        """Pixels from quantized latents, float32 and unclipped (training's reconstruction)."""
+        self.quantize._check_dim(z_q, "the quantized latent to decode")
+        z = self.post_quant_conv(z_q.astype(jnp.dtype(self.config.dtype)))
+        return self.decoder(z, rng).astype(jnp.float32)
+
+    def __call__(self, x, rng=None) -> tuple[jax.Array, Quantized]:
+        """Training forward: (reconstruction float32, Quantized). A key turns dropout on."""
+        r_enc, r_dec = rng_lib.split(rng, 2)
+        q = self.quantize(self.encode_latent(x, r_enc))
+        return self.decode_latent(q.z_q, r_dec), q
+
+    # ----- the public interface -----
+
+    def encode(self, x):
+        """Pixels float in [-1, 1] -> int32 codes.
+
+        Called on concrete arrays it checks their values and runs compiled; under a transformation it is traced.
+        """
+        self.check_inputs(x)
+        return _encode(self, x) if _is_concrete(x) else self._encode(x)
+
+    def decode(self, codes):
+        """int codes -> pixels float32 in [-1, 1]. Compiled like `encode`."""
+        self.check_codes(codes)
+        return _decode(self, codes) if _is_concrete(codes) else self._decode(codes)
+
+    def _encode(self, x):
+        return self.quantize.nearest(self.encode_latent(x))
+
+    def _decode(self, codes):
+        return jnp.clip(self.decode_latent(self.quantize.lookup(codes)), -1.0, 1.0)
+
+
+class VQModel(Autoencoder):
+    """encode: images (B, H, W, C) in [-1, 1] -> codes (B, H/f, W/f) int32; decode: codes -> images in [-1, 1]."""
 
     def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -396,9 +467,8 @@ class VQModel(nnx.Module):
         self.post_quant_conv = _conv(cfg, cfg.codebook_dim, cfg.z_channels, 1, rngs)
         self.decoder = Decoder(cfg, rngs)
 
-    # ----- checks (static ones always; value checks only on concrete arrays, outside jit) -----
-
-    def check_images(self, images):
+    def check_inputs(self, images):
+        """Static checks always; value checks only on concrete arrays, outside jit."""
         cfg = self.config
         if images.ndim != 4 or images.shape[-1] != cfg.in_channels:
             raise ValueError(f"images must be (batch, height, width, {cfg.in_channels}) channels-last; got shape "
@@ -411,68 +481,12 @@ class VQModel(nnx.Module):
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(f"images must be floats in [-1, 1]; got dtype {images.dtype} (convert uint8 images "
                              f"with x / 127.5 - 1).")
-        if _is_concrete(images) and images.size:
-            lo, hi = float(jnp.min(images)), float(jnp.max(images))
-            if lo < -1.001 or hi > 1.001:
-                raise ValueError(f"images must lie in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] (convert uint8 "
-                                 f"images with x / 127.5 - 1, [0, 1] images with 2 * x - 1).")
-
-    def check_codes(self, codes):
-        if codes.ndim != 3:
-            raise ValueError(f"codes must be (batch, height, width) token grids; got shape {tuple(codes.shape)} "
-                             f"(reshape raster-order (B, N) tokens to the grid first).")
-        if not jnp.issubdtype(codes.dtype, jnp.integer):
-            raise ValueError(f"codes must be integers; got dtype {codes.dtype}.")
-        if _is_concrete(codes) and codes.size:
-            lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
-            if lo < 0 or hi >= self.config.codebook_size:
-                raise ValueError(f"codes must lie in [0, {self.config.codebook_size}); got values in [{lo}, {hi}] "
-                                 f"(tokens from a model with another vocabulary?).")
-
-    # ----- the pieces -----
-
-    def encode_latent(self, images, rng=None):
-        """Continuous latents (B, h, w, codebook_dim) before quantization."""
-        self.check_images(images)
-        return self.quant_conv(self.encoder(images.astype(jnp.dtype(self.config.dtype)), rng))
-
-    def decode_latent(self, z_q, rng=None):
-        """Images (B, H, W, C) from quantized latents, unclipped (training's reconstruction)."""
-        self.quantize._check_dim(z_q, "the quantized latent to decode")
-        z = self.post_quant_conv(z_q.astype(jnp.dtype(self.config.dtype)))
-        return self.decoder(z, rng).astype(jnp.float32)
-
-    def __call__(self, images, rng=None) -> tuple[jax.Array, Quantized]:
-        """Training forward: (reconstruction (B, H, W, C) float32, Quantized). A key turns dropout on."""
-        r_enc, r_dec = rng_lib.split(rng, 2)
-        q = self.quantize(self.encode_latent(images, r_enc))
-        return self.decode_latent(q.z_q, r_dec), q
-
-    # ----- the public interface -----
-
-    def encode(self, images):
-        """images (B, H, W, C) float in [-1, 1] -> codes (B, H/f, W/f) int32.
-
-        Called on concrete arrays it checks their values and runs compiled; under a transformation it is traced.
-        """
-        self.check_images(images)
-        return _encode(self, images) if _is_concrete(images) else self._encode(images)
-
-    def decode(self, codes):
-        """codes (B, h, w) int -> images (B, h*f, w*f, C) float32 in [-1, 1]. Compiled like `encode`."""
-        self.check_codes(codes)
-        return _decode(self, codes) if _is_concrete(codes) else self._decode(codes)
-
-    def _encode(self, images):
-        return self.quantize.nearest(self.encode_latent(images))
-
-    def _decode(self, codes):
-        return jnp.clip(self.decode_latent(self.quantize.lookup(codes)), -1.0, 1.0)
+        self._check_range(images, "images", "convert uint8 images with x / 127.5 - 1, [0, 1] images with 2 * x - 1")
 
 
 # Eager calls of encode/decode run as one compiled program each (op-by-op dispatch of a conv net is slow); the model
 # is an argument, not a baked-in constant, so one compilation serves every model of the same structure.
-_encode = nnx.jit(lambda model, images: model._encode(images))
+_encode = nnx.jit(lambda model, x: model._encode(x))
 _decode = nnx.jit(lambda model, codes: model._decode(codes))
 
 
