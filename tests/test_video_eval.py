@@ -138,7 +138,7 @@ def test_i3d_loader_errors_list_the_keys(tmp_path, made_up_i3d_state):
         i3d.load(state)
     message = str(e.value)
     assert "Mixed_4c.b2b.bn.running_var" in message and "fc.weight" in message
-    assert "logits.conv3d.weight (10, 1024, 1, 1, 1) (needs (400, 1024, 1, 1, 1))" in message
+    assert "'logits.conv3d.weight' has shape (10, 1024, 1, 1, 1), needs (400, 1024, 1, 1, 1)" in message
     with pytest.raises(FileNotFoundError, match="rgb_imagenet.pt"):
         i3d.load(str(tmp_path / "absent.pt"))
     # A DataParallel prefix is accepted.

@@ -27,15 +27,13 @@ and then the head's window is clipped to the feature map, so small inputs run th
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from par_jax.core import paths
-from par_jax.evaluation import inception
+from par_jax.evaluation import inception, torch_weights
 
 INPUT_SIZE = 224
 NUM_CLASSES = 400
@@ -148,30 +146,18 @@ class I3D(nnx.Module):
 # Weights (pytorch-i3d state dict layout)
 # ----------------------------------------------------------------------------------------------------------------
 
-_WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-
-
-def _torch_key(path) -> str:
-    *parents, leaf = (str(p) for p in path)
-    return ".".join(parents + [_TORCH_LEAF[leaf]])
-
-
 def _from_torch_layout(value: np.ndarray) -> np.ndarray:
     # Conv3d kernels: torch (out, in, kt, kh, kw) -> NNX (kt, kh, kw, in, out).
     return value.transpose(2, 3, 4, 1, 0) if value.ndim == 5 else value
 
 
 def _torch_shape(shape) -> tuple[int, ...]:
-    shape = tuple(shape)
     return (shape[4], shape[3], *shape[:3]) if len(shape) == 5 else shape
 
 
 @functools.lru_cache(maxsize=1)
 def _torch_state_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
-    model = nnx.eval_shape(lambda: I3D(rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(model, _WEIGHTS))
-    return tuple((_torch_key(path), _torch_shape(v.shape)) for path, v in flat)
+    return torch_weights.torch_shapes(nnx.eval_shape(lambda: I3D(rngs=nnx.Rngs(0))), _torch_shape)
 
 
 def torch_state_shapes() -> dict[str, tuple[int, ...]]:
@@ -181,50 +167,18 @@ def torch_state_shapes() -> dict[str, tuple[int, ...]]:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """A flat {key: array} from pytorch-i3d's `.pt`, or a `.npz` / `.safetensors` file with the same keys."""
-    path = os.fspath(path)
-    if not paths.exists(path):
-        raise FileNotFoundError(
-            f"I3D weights not found at {path!r}. Copy {WEIGHTS_FILE} ({WEIGHTS_SOURCE}) from a machine with internet "
-            f"access and pass its path (--config.eval.i3d_weights=...); docs/evaluation.md 'Video' has the details.")
-    if path.endswith(".npz"):
-        with paths.open_file(path, "rb") as raw, np.load(raw) as f:
-            return {k: f[k] for k in f.files}
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file  # noqa: PLC0415
-        return load_file(path)
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError as e:
-        raise ImportError(f"reading {path!r} needs PyTorch (pip install torch==2.13.0), or convert it to .npz with "
-                          f"the same keys where PyTorch is installed (docs/evaluation.md, 'Video').") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+    return torch_weights.read_state_dict(
+        path, not_found=f"I3D weights not found: copy {WEIGHTS_FILE} ({WEIGHTS_SOURCE}) from a machine with internet "
+                        f"access and pass its path (--config.eval.i3d_weights=...); docs/evaluation.md 'Video' has "
+                        f"the details",
+        convert_hint="convert it to .npz with the same keys where PyTorch is installed (docs/evaluation.md, 'Video')")
 
 
 def load(path_or_state, *, resize: bool = True) -> I3D:
-    """The Kinetics-400 I3D with weights from a file (or an already-read {pytorch-i3d key: array}).
+    """The Kinetics-400 I3D with weights from a file (or an already-read {pytorch-i3d key: array}), built abstractly.
 
-    Built abstractly and filled from the file. Every parameter and batch statistic must be there with the PyTorch
-    shape; `num_batches_tracked` counters are ignored and a DataParallel `module.` prefix is removed. Anything
-    missing, unexpected or misshapen is one error listing the keys.
+    Every parameter and batch statistic must be there with the PyTorch shape (`torch_weights.fill`).
     """
-    state = read_state_dict(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else dict(path_or_state)
-    state = {k.removeprefix("module."): np.asarray(v) for k, v in state.items()
-             if not k.endswith("num_batches_tracked")}
-    shapes = torch_state_shapes()
-    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
-    wrong = sorted(f"{k} {tuple(state[k].shape)} (needs {shapes[k]})" for k in set(shapes) & set(state)
-                   if tuple(state[k].shape) != shapes[k])
-    if missing or extra or wrong:
-        def few(keys):
-            return f"{keys[:8]}{' ...' if len(keys) > 8 else ''}"
-        raise ValueError(f"the weight file does not match the Kinetics-400 I3D (pytorch-i3d names, PyTorch layout; "
-                         f"is it {WEIGHTS_FILE}?): {len(missing)} missing keys {few(missing)}, {len(extra)} "
-                         f"unexpected keys {few(extra)}, {len(wrong)} misshapen {few(wrong)}.")
-    abstract = nnx.eval_shape(lambda: I3D(rngs=nnx.Rngs(0), resize=resize))
-    graphdef, weights, rest = nnx.split(abstract, _WEIGHTS, ...)
-    flat = nnx.to_flat_state(weights)
-    for path, variable in flat:
-        variable.set_value(jnp.asarray(_from_torch_layout(state[_torch_key(path)].astype(np.float32))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    return torch_weights.fill(nnx.eval_shape(lambda: I3D(rngs=nnx.Rngs(0), resize=resize)), path_or_state,
+                              torch_state_shapes(), _from_torch_layout, read=read_state_dict,
+                              what=f"the Kinetics-400 I3D (pytorch-i3d names, PyTorch layout; is it {WEIGHTS_FILE}?)")

@@ -22,14 +22,13 @@ weight file maps onto them one to one (see `load`).
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from par_jax.core import paths
+from par_jax.evaluation import torch_weights
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
@@ -248,16 +247,6 @@ class InceptionV3(nnx.Module):
 # Weights
 # ----------------------------------------------------------------------------------------------------------------
 
-_WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
-# NNX leaf name -> PyTorch state-dict leaf name.
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
-
-
-def _torch_key(path) -> str:
-    *parents, leaf = (str(p) for p in path)
-    return ".".join(parents + [_TORCH_LEAF[leaf]])
-
-
 def _to_torch_layout(value: np.ndarray) -> np.ndarray:
     # Conv kernels (kh, kw, in, out) <- torch (out, in, kh, kw); linear (in, out) <- torch (out, in).
     if value.ndim == 4:
@@ -278,9 +267,7 @@ def torch_state_shapes() -> dict[str, tuple[int, ...]]:
 
 @functools.lru_cache(maxsize=1)
 def _torch_state_shapes() -> tuple[tuple[str, tuple[int, ...]], ...]:
-    model = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(model, _WEIGHTS))
-    return tuple((_torch_key(path), _torch_shape(v.shape)) for path, v in flat)
+    return torch_weights.torch_shapes(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0))), _torch_shape)
 
 
 def _torch_shape(shape) -> tuple[int, ...]:
@@ -289,24 +276,10 @@ def _torch_shape(shape) -> tuple[int, ...]:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """A flat {key: array} from a PyTorch `.pth`, a `.npz` or a `.safetensors` file with the PyTorch keys."""
-    if not paths.exists(path):
-        raise FileNotFoundError(
-            f"Inception weights not found at {path!r}. Download {WEIGHTS_URL} on a machine with internet access "
-            f"and pass its path (--config.eval.inception_weights=...).")
-    if path.endswith(".npz"):
-        with paths.open_file(path, "rb") as raw, np.load(raw) as f:
-            return {k: f[k] for k in f.files}
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file  # noqa: PLC0415
-        return load_file(path)
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError as e:
-        raise ImportError(f"reading {path!r} needs PyTorch (pip install torch==2.13.0), or convert the file to "
-                          f".npz / .safetensors with the same keys on a machine that has it.") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+    return torch_weights.read_state_dict(
+        path, not_found=f"Inception weights not found: download {WEIGHTS_URL} on a machine with internet access and "
+                        f"pass its path (--config.eval.inception_weights=...)",
+        convert_hint="convert the file to .npz / .safetensors with the same keys on a machine that has it")
 
 
 def load(path_or_state, *, input_size: int = INPUT_SIZE) -> InceptionV3:
@@ -314,25 +287,8 @@ def load(path_or_state, *, input_size: int = INPUT_SIZE) -> InceptionV3:
 
     The network is built abstractly and filled from the file (no random initialisation: it would only be
     overwritten, and takes minutes on a CPU). Every parameter and batch statistic must be present with the PyTorch
-    shape; BatchNorm's `num_batches_tracked` counters are ignored. Anything missing, extra or misshapen is an error
-    naming the keys.
+    shape (`torch_weights.fill`).
     """
-    state = read_state_dict(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else dict(path_or_state)
-    state = {k: np.asarray(v) for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    shapes = torch_state_shapes()
-    missing = sorted(set(shapes) - set(state))
-    extra = sorted(set(state) - set(shapes))
-    if missing or extra:
-        raise ValueError(f"the weight file does not match the FID InceptionV3: {len(missing)} missing keys "
-                         f"{missing[:5]}{'...' if len(missing) > 5 else ''}, {len(extra)} unexpected keys "
-                         f"{extra[:5]}{'...' if len(extra) > 5 else ''} (is it {WEIGHTS_FILE}?).")
-    for key, shape in shapes.items():  # check everything before converting anything
-        if state[key].shape != shape:
-            raise ValueError(f"weight {key!r} has shape {state[key].shape}; the FID InceptionV3 needs {shape} "
-                             f"(PyTorch layout).")
-    abstract = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), input_size=input_size))
-    graphdef, weights, rest = nnx.split(abstract, _WEIGHTS, ...)
-    flat = nnx.to_flat_state(weights)
-    for path, variable in flat:
-        variable.set_value(jnp.asarray(_from_torch_layout(state[_torch_key(path)].astype(np.float32))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    return torch_weights.fill(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), input_size=input_size)),
+                              path_or_state, torch_state_shapes(), _from_torch_layout, read=read_state_dict,
+                              what=f"the FID InceptionV3 (is it {WEIGHTS_FILE}?)")
