@@ -47,12 +47,19 @@ def relative(path, root) -> str:
     return os.path.relpath(text, base) if text and "://" not in text and text.startswith(base) else text
 
 
+# Settings added after finished phases had recorded their protocols, with the value that does what was done before the
+# setting existed: a record without the key matches a protocol that asks for that value (so an upgrade does not refuse
+# a workdir whose results it would reproduce), and any other value is a difference as usual.
+ADDED_SETTINGS = {"dead_code_restart": 0}
+
+
 def protocol_diffs(saved: Any, wanted: Any, prefix: str = "") -> list[str]:
     """Where two JSON-like protocols differ, as dotted keys (`a.b: 1 -> 2`)."""
     if isinstance(saved, dict) and isinstance(wanted, dict):
         out = []
         for k in sorted(set(saved) | set(wanted)):
-            out += protocol_diffs(saved.get(k), wanted.get(k), f"{prefix}{k}.")
+            old = saved.get(k, ADDED_SETTINGS.get(k))
+            out += protocol_diffs(old, wanted.get(k), f"{prefix}{k}.")
         return out
     plain = lambda v: json.loads(json.dumps(v, default=jsonable))
     return [] if plain(saved) == plain(wanted) else [f"{prefix.rstrip('.')}: {saved!r} -> {wanted!r}"]

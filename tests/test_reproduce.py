@@ -247,3 +247,16 @@ def test_quick_grid_runs_end_to_end_reuses_phases_and_refuses_another_protocol(t
     other = _run(workdir, "--config.par.train.num_steps=7")
     assert "tokenizer: done before" in other.stdout and "classifier: done before" in other.stdout
     assert other.returncode == 2 and "another protocol" in other.stderr and "num_steps" in other.stderr
+
+
+def test_a_setting_added_later_matches_an_older_record_only_at_its_as_before_value():
+    from par_jax import phases
+    saved = {"tokenizer": {"train": {"num_steps": 10}}}  # recorded before train.dead_code_restart existed
+    assert phases.protocol_diffs(saved, {"tokenizer": {"train": {"num_steps": 10, "dead_code_restart": 0}}}) == []
+    diffs = phases.protocol_diffs(saved, {"tokenizer": {"train": {"num_steps": 10, "dead_code_restart": 10}}})
+    assert diffs == ["tokenizer.train.dead_code_restart: 0 -> 10"]
+    # Any other new key is still a difference, and so is a recorded value that differs.
+    assert phases.protocol_diffs(saved, {"tokenizer": {"train": {"num_steps": 10, "lr": 0.1}}}) == [
+        "tokenizer.train.lr: None -> 0.1"]
+    assert phases.protocol_diffs(saved, {"tokenizer": {"train": {"num_steps": 11}}}) == [
+        "tokenizer.train.num_steps: 10 -> 11"]
