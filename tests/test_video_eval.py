@@ -223,6 +223,9 @@ def test_video_classifier_trains_saves_loads_and_gives_features(tmp_path, tiny_v
         vc.load(tmp_path / "image")
     with pytest.raises(FileNotFoundError, match="no video classifier"):
         vc.load(tmp_path / "absent")
+    # And the other way round: the image classifier's loader refuses a video classifier before reading parameters.
+    with pytest.raises(ValueError, match="holds a video_classifier, not the Fashion-MNIST image classifier"):
+        classifier.load(directory)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from flax import nnx
 
 from par_jax.data import sources
 from par_jax.core import checkpoint, loop
+from par_jax.core.config_args import UsageError
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
@@ -107,32 +108,65 @@ class TrainSettings:
     log_every: int = 200
 
 
-def _loss(model, images, labels):
-    logits = model(images)["logits"]
+def _loss(model, x, labels):
+    logits = model(x)["logits"]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
 @nnx.jit
-def _train_step(model, optimizer, images, labels):
-    (loss, acc), grads = nnx.value_and_grad(_loss, has_aux=True)(model, images, labels)
+def _train_step(model, optimizer, x, labels):
+    (loss, acc), grads = nnx.value_and_grad(_loss, has_aux=True)(model, x, labels)
     optimizer.update(model, grads)
     return loss, acc
 
 
 @nnx.jit
-def _logits(model, images):
-    return model(images)["logits"]
+def _logits(model, x):
+    return model(x)["logits"]
+
+
+Reader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # indices -> (uint8 inputs, int labels)
+
+
+def fit(model: nnx.Module, settings, next_batch: Callable[[], tuple[np.ndarray, np.ndarray]], *, name: str,
+        inputs: str) -> list[dict[str, float]]:
+    """The loop both evaluation classifiers (image and video) train with: AdamW on a cosine schedule, cross-entropy
+    on `model(x)["logits"]`, a finiteness check and a progress line every `settings.log_every` steps. Returns the
+    loss history; the model is left in eval mode."""
+    schedule = optax.cosine_decay_schedule(settings.learning_rate, settings.steps)
+    optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=settings.weight_decay), wrt=nnx.Param)
+    model.train()
+    history, start = [], time.time()
+    for step in range(1, settings.steps + 1):
+        x, labels = next_batch()
+        loss, acc = _train_step(model, optimizer, jnp.asarray(x), jnp.asarray(labels))
+        if step % settings.log_every == 0 or step == settings.steps:
+            # The loop kit's guard: the model returned here is saved by load_or_train, so its state is checked too.
+            loop.check_finite(step, {"loss": loss, "param_norm": optax.global_norm(nnx.state(model, nnx.Param))},
+                              kept=lambda: "nothing was saved",
+                              hint=f"Lower TrainSettings.learning_rate or check the training {inputs}.")
+            rate = step / (time.time() - start)
+            history.append({"step": step, "loss": float(loss), "accuracy": float(acc)})
+            logging.info("%s step %d/%d: loss %.4f, batch accuracy %.3f, %.2f steps/s, ETA %.0fs", name, step,
+                         settings.steps, float(loss), float(acc), rate, (settings.steps - step) / rate)
+    model.eval()
+    return history
+
+
+def accuracy_of(model: nnx.Module, read: Reader, count: int, batch_size: int) -> float:
+    """Top-1 accuracy over the first `count` examples that `read` gives."""
+    model.eval()
+    correct = 0
+    for start in range(0, count, batch_size):
+        x, labels = read(np.arange(start, min(start + batch_size, count)))
+        correct += int(jnp.sum(jnp.argmax(_logits(model, jnp.asarray(x)), -1) == jnp.asarray(labels)))
+    return correct / count
 
 
 def accuracy(model: Classifier, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000) -> float:
     """Top-1 accuracy on uint8 (N, H, W, C) images."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        logits = _logits(model, jnp.asarray(images[i:i + batch_size]))
-        correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(labels[i:i + batch_size])))
-    return correct / len(images)
+    return accuracy_of(model, lambda index: (images[index], labels[index]), len(images), batch_size)
 
 
 def train(settings: TrainSettings = TrainSettings(), *, data: tuple[np.ndarray, np.ndarray] | None = None
@@ -144,28 +178,16 @@ def train(settings: TrainSettings = TrainSettings(), *, data: tuple[np.ndarray, 
                          f"{np.shape(labels)}.")
     rng = np.random.default_rng(settings.seed)
     model = Classifier(rngs=nnx.Rngs(settings.seed))
-    schedule = optax.cosine_decay_schedule(settings.learning_rate, settings.steps)
-    optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=settings.weight_decay), wrt=nnx.Param)
-    model.train()
-    history, start, order, pos = [], time.time(), rng.permutation(len(images)), 0
-    for step in range(1, settings.steps + 1):
-        if pos + settings.batch_size > len(order):
-            order, pos = rng.permutation(len(images)), 0
-        idx = order[pos:pos + settings.batch_size]
-        pos += settings.batch_size
-        batch = place(images[idx], rng.integers(0, IMAGE_SIZE - 28 + 1, (len(idx), 2)))
-        loss, acc = _train_step(model, optimizer, jnp.asarray(batch), jnp.asarray(labels[idx]))
-        if step % settings.log_every == 0 or step == settings.steps:
-            # The loop kit's guard: the model returned here is saved by load_or_train, so its state is checked too.
-            loop.check_finite(step, {"loss": loss, "param_norm": optax.global_norm(nnx.state(model, nnx.Param))},
-                              kept=lambda: "nothing was saved",
-                              hint="Lower TrainSettings.learning_rate or check the training images.")
-            rate = step / (time.time() - start)
-            history.append({"step": step, "loss": float(loss), "accuracy": float(acc)})
-            logging.info("classifier step %d/%d: loss %.4f, batch accuracy %.3f, %.1f steps/s, ETA %.0fs", step,
-                         settings.steps, float(loss), float(acc), rate, (settings.steps - step) / rate)
-    model.eval()
-    return model, history
+    epoch = {"order": rng.permutation(len(images)), "pos": 0}
+
+    def next_batch():  # epochs of a fresh permutation; each picture at a random offset in its canvas
+        if epoch["pos"] + settings.batch_size > len(epoch["order"]):
+            epoch["order"], epoch["pos"] = rng.permutation(len(images)), 0
+        idx = epoch["order"][epoch["pos"]:epoch["pos"] + settings.batch_size]
+        epoch["pos"] += settings.batch_size
+        return place(images[idx], rng.integers(0, IMAGE_SIZE - 28 + 1, (len(idx), 2))), labels[idx]
+
+    return model, fit(model, settings, next_batch, name="classifier", inputs="images")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -184,6 +206,24 @@ def save(directory, model: Classifier, metadata: dict[str, Any]) -> epath.Path:
     return directory
 
 
+def restore(directory, make: Callable[[], nnx.Module], check: Callable[[dict], None]) -> tuple[Any, dict[str, Any]]:
+    """(model in eval mode, metadata) from a directory written by `save`; `make` builds the network (abstractly
+    here), `check` refuses metadata of another kind of classifier before any parameter is read."""
+    graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    # Explicit device: under a training loop's `jax.set_mesh`, abstract shapes carry that mesh's abstract sharding.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(params))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        metadata = ckptr.restore(directory, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+        check(metadata)
+        restored = ckptr.restore(directory, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    nnx.replace_by_pure_dict(params, restored["params"])
+    rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, rest)
+    model = nnx.merge(graphdef, params, rest)
+    model.eval()
+    return model, dict(metadata)
+
+
 def load(directory) -> tuple[Classifier, dict[str, Any]]:
     """(model in eval mode, metadata) from a directory written by `save`."""
     directory = checkpoint.as_path(directory)
@@ -191,18 +231,12 @@ def load(directory) -> tuple[Classifier, dict[str, Any]]:
         raise FileNotFoundError(f"no Fashion-MNIST classifier in {directory}; train one with "
                                 f"`python -m par_jax.evaluation.classifier --out={directory}` or let "
                                 f"`load_or_train` do it.")
-    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Classifier(rngs=nnx.Rngs(0))), nnx.Param, ...)
-    # Explicit device: under a training loop's `jax.set_mesh`, abstract shapes carry that mesh's abstract sharding.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(params))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        restored = ckptr.restore(directory, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore()))
-    nnx.replace_by_pure_dict(params, restored["params"])
-    rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, rest)
-    model = nnx.merge(graphdef, params, rest)
-    model.eval()
-    return model, dict(restored["metadata"])
+
+    def check(metadata):
+        if metadata.get("kind", "image_classifier") != "image_classifier":
+            raise UsageError(f"{directory} holds a {metadata['kind']}, not the Fashion-MNIST image classifier: point "
+                             f"config.eval.classifier at an image classifier's folder.")
+    return restore(directory, lambda: Classifier(rngs=nnx.Rngs(0)), check)
 
 
 def load_or_train(directory, settings: TrainSettings = TrainSettings()) -> tuple[Classifier, dict[str, Any]]:

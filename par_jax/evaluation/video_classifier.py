@@ -18,18 +18,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import nnx
 
-from par_jax.core import checkpoint, loop
+from par_jax.core import checkpoint
 from par_jax.core.config_args import UsageError
 from par_jax.evaluation import classifier as image_classifier
 
@@ -64,9 +62,6 @@ class VideoClassifier(nnx.Module):
         x = jax.nn.relu(self.temporal(x))
         x = jnp.concatenate([jnp.mean(x, axis=1), jnp.max(x, axis=1)], axis=-1)
         return jax.nn.relu(self.dense(x))
-
-    def logits(self, clips) -> jax.Array:
-        return self.head(self.dropout(self.features(clips)))
 
     def __call__(self, clips) -> dict[str, jax.Array]:
         """{"pool": (B, 128) features, "logits": (B, 10)}, the feature-network outputs evaluation reads."""
@@ -106,23 +101,20 @@ class TrainSettings:
                                      # one garment, so more clips of fewer frames teach more for the same cost
 
 
-Clips = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # indices -> (uint8 clips, int labels)
-
-
 def _source(settings: TrainSettings, split: str):
     from par_jax.data import video  # noqa: PLC0415
     return video.make_video_source(settings.source, split=split, num_frames=settings.num_frames,
                                    frame_size=settings.frame_size)
 
 
-def _reader(source) -> tuple[Clips, int]:
+def _reader(source) -> tuple[image_classifier.Reader, int]:
     def read(index):
         items = [source[int(i)] for i in index]
         return np.stack([c for c, _ in items]), np.asarray([y for _, y in items], np.int32)
     return read, len(source)
 
 
-def _array_reader(clips: np.ndarray, labels: np.ndarray) -> tuple[Clips, int]:
+def _array_reader(clips: np.ndarray, labels: np.ndarray) -> tuple[image_classifier.Reader, int]:
     clips, labels = np.asarray(clips), np.asarray(labels, np.int32)
     if clips.ndim != 5 or clips.dtype != np.uint8 or labels.shape != (len(clips),):
         raise ValueError(f"clips must be uint8 (N, T, H, W, C) with (N,) labels; got {clips.dtype} {clips.shape} "
@@ -134,37 +126,9 @@ def _array_reader(clips: np.ndarray, labels: np.ndarray) -> tuple[Clips, int]:
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
-def _loss(model, clips, labels):
-    logits = model.logits(clips)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
-
-
-@nnx.jit
-def _train_step(model, optimizer, clips, labels):
-    (loss, acc), grads = nnx.value_and_grad(_loss, has_aux=True)(model, clips, labels)
-    optimizer.update(model, grads)
-    return loss, acc
-
-
-@nnx.jit
-def _logits(model, clips):
-    return model.logits(clips)
-
-
 def accuracy(model: VideoClassifier, clips: np.ndarray, labels: np.ndarray, batch_size: int = 100) -> float:
     """Top-1 accuracy on uint8 clips (N, T, H, W, C)."""
-    read, count = _array_reader(clips, labels)
-    return _accuracy(model, read, count, batch_size)
-
-
-def _accuracy(model, read: Clips, count: int, batch_size: int = 100) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, count, batch_size):
-        clips, labels = read(np.arange(start, min(start + batch_size, count)))
-        correct += int(jnp.sum(jnp.argmax(_logits(model, jnp.asarray(clips)), -1) == jnp.asarray(labels)))
-    return correct / count
+    return image_classifier.accuracy_of(model, *_array_reader(clips, labels), batch_size)
 
 
 def train(settings: TrainSettings = TrainSettings(), *, data: tuple[np.ndarray, np.ndarray] | None = None
@@ -174,26 +138,15 @@ def train(settings: TrainSettings = TrainSettings(), *, data: tuple[np.ndarray, 
     read, count = _reader(_source(settings, "train")) if data is None else _array_reader(*data)
     rng = np.random.default_rng(settings.seed)
     model = VideoClassifier(rngs=nnx.Rngs(settings.seed))
-    schedule = optax.cosine_decay_schedule(settings.learning_rate, settings.steps)
-    optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=settings.weight_decay), wrt=nnx.Param)
-    model.train()
-    history, start = [], time.time()
-    for step in range(1, settings.steps + 1):
+
+    def next_batch():  # random clips, each cut to a random window of train_frames frames
         clips, labels = read(rng.integers(0, count, settings.batch_size))
         if settings.train_frames and clips.shape[1] > settings.train_frames:
             first = int(rng.integers(0, clips.shape[1] - settings.train_frames + 1))
             clips = clips[:, first:first + settings.train_frames]
-        loss, acc = _train_step(model, optimizer, jnp.asarray(clips), jnp.asarray(labels))
-        if step % settings.log_every == 0 or step == settings.steps:
-            loop.check_finite(step, {"loss": loss, "param_norm": optax.global_norm(nnx.state(model, nnx.Param))},
-                              kept=lambda: "nothing was saved",
-                              hint="Lower TrainSettings.learning_rate or check the training clips.")
-            rate = step / (time.time() - start)
-            history.append({"step": step, "loss": float(loss), "accuracy": float(acc)})
-            logging.info("video classifier step %d/%d: loss %.4f, batch accuracy %.3f, %.2f steps/s, ETA %.0fs",
-                         step, settings.steps, float(loss), float(acc), rate, (settings.steps - step) / rate)
-    model.eval()
-    return model, history
+        return clips, labels
+
+    return model, image_classifier.fit(model, settings, next_batch, name="video classifier", inputs="clips")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,20 +165,12 @@ def load(directory) -> tuple[VideoClassifier, dict[str, Any]]:
         raise FileNotFoundError(f"no video classifier in {directory}; train one with "
                                 f"`python -m par_jax.evaluation.video_classifier --out={directory}` or let "
                                 f"`load_or_train` do it.")
-    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: VideoClassifier(rngs=nnx.Rngs(0))), nnx.Param, ...)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(params))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(directory, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-        if meta.get("kind") != "video_classifier":
-            raise UsageError(f"{directory} holds a {meta.get('kind', 'Fashion-MNIST image')} classifier, not a video "
-                             f"classifier: point config.eval.classifier at a video classifier's folder.")
-        restored = ckptr.restore(directory, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    nnx.replace_by_pure_dict(params, restored["params"])
-    rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, rest)
-    model = nnx.merge(graphdef, params, rest)
-    model.eval()
-    return model, dict(meta)
+
+    def check(metadata):
+        if metadata.get("kind") != "video_classifier":
+            raise UsageError(f"{directory} holds a {metadata.get('kind', 'Fashion-MNIST image')} classifier, not a "
+                             f"video classifier: point config.eval.classifier at a video classifier's folder.")
+    return image_classifier.restore(directory, lambda: VideoClassifier(rngs=nnx.Rngs(0)), check)
 
 
 def load_or_train(directory, settings: TrainSettings = TrainSettings(), *,
@@ -246,7 +191,7 @@ def load_or_train(directory, settings: TrainSettings = TrainSettings(), *,
         read, count = _array_reader(*data[1])
         described = "clips given in memory"
     count = min(count, settings.test_clips) if settings.test_clips else count
-    test_accuracy = _accuracy(model, read, count)
+    test_accuracy = image_classifier.accuracy_of(model, read, count, 100)
     metadata = {"test_accuracy": test_accuracy, "test_clips": count,
                 "train_seconds": round(time.time() - start, 1), "train_settings": dataclasses.asdict(settings),
                 "history": history, "data": described + " (train split; scored on the test split)",
