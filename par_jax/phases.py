@@ -50,7 +50,7 @@ def relative(path, root) -> str:
 # Settings added after finished phases had recorded their protocols, with the value that does what was done before the
 # setting existed: a record without the key matches a protocol that asks for that value (so an upgrade does not refuse
 # a workdir whose results it would reproduce), and any other value is a difference as usual.
-ADDED_SETTINGS = {"dead_code_restart": 0}
+ADDED_SETTINGS = {"dead_code_restart": 0, "i3d_weights": ""}
 
 
 def protocol_diffs(saved: Any, wanted: Any, prefix: str = "") -> list[str]:

@@ -255,6 +255,7 @@ def test_a_setting_added_later_matches_an_older_record_only_at_its_as_before_val
     assert phases.protocol_diffs(saved, {"tokenizer": {"train": {"num_steps": 10, "dead_code_restart": 0}}}) == []
     diffs = phases.protocol_diffs(saved, {"tokenizer": {"train": {"num_steps": 10, "dead_code_restart": 10}}})
     assert diffs == ["tokenizer.train.dead_code_restart: 0 -> 10"]
+    assert phases.protocol_diffs({"eval": {}}, {"eval": {"i3d_weights": ""}}) == []
     # Any other new key is still a difference, and so is a recorded value that differs.
     assert phases.protocol_diffs(saved, {"tokenizer": {"train": {"num_steps": 10, "lr": 0.1}}}) == [
         "tokenizer.train.lr: None -> 0.1"]
