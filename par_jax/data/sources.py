@@ -97,24 +97,32 @@ class TfdsSource:
         return f"TfdsSource({self.name!r}, {len(self)} images)"
 
 
+def class_folders(root: str, extensions: tuple[str, ...], kind: str, items: str
+                  ) -> tuple[list[str], list[str], list[int]]:
+    """(sorted class names, files relative to root, labels) of an ImageNet-style `root/<class>/<files>` folder;
+    `kind` and `items` name what it holds in errors ("image", "images")."""
+    if not os.path.isdir(root):
+        raise DataSourceError(f"{kind} folder {root!r} does not exist.")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataSourceError(f"{kind} folder {root!r} has no class subfolders; expected root/<class>/<{items}>.")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        names = sorted(e.name for e in os.scandir(os.path.join(root, name))
+                       if e.is_file() and e.name.lower().endswith(extensions))
+        files += [os.path.join(name, f) for f in names]
+        labels += [label] * len(names)
+    if not files:
+        raise DataSourceError(f"{kind} folder {root!r} has class subfolders but no {items} with extensions "
+                              f"{extensions}.")
+    return classes, files, labels
+
+
 class FolderSource:
     """ImageNet-style folder: `root/<class name>/<image files>`. Labels index the sorted class names."""
 
     def __init__(self, root: str):
-        if not os.path.isdir(root):
-            raise DataSourceError(f"image folder {root!r} does not exist.")
-        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        if not classes:
-            raise DataSourceError(f"image folder {root!r} has no class subfolders; expected root/<class>/<images>.")
-        files, labels = [], []
-        for label, name in enumerate(classes):
-            names = sorted(e.name for e in os.scandir(os.path.join(root, name))
-                           if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-            files += [os.path.join(name, f) for f in names]
-            labels += [label] * len(names)
-        if not files:
-            raise DataSourceError(f"image folder {root!r} has class subfolders but no images with extensions "
-                                  f"{IMAGE_EXTENSIONS}.")
+        classes, files, labels = class_folders(root, IMAGE_EXTENSIONS, "image", "images")
         self.root = root
         self.name = f"folder:{os.path.abspath(root)}"
         self.num_classes = len(classes)

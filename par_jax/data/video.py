@@ -253,20 +253,7 @@ class VideoFolderSource(_CroppedVideos):
     def __init__(self, root: str, *, num_frames: int = 17, frame_size: int = 32, frame_stride: int = 1,
                  short: str = "error"):
         self._init_crops(num_frames, frame_size, frame_stride, short)
-        if not os.path.isdir(root):
-            raise DataSourceError(f"video folder {root!r} does not exist.")
-        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        if not classes:
-            raise DataSourceError(f"video folder {root!r} has no class subfolders; expected root/<class>/<videos>.")
-        files, labels = [], []
-        for label, name in enumerate(classes):
-            names = sorted(e.name for e in os.scandir(os.path.join(root, name))
-                           if e.is_file() and e.name.lower().endswith(VIDEO_EXTENSIONS))
-            files += [os.path.join(name, f) for f in names]
-            labels += [label] * len(names)
-        if not files:
-            raise DataSourceError(f"video folder {root!r} has class subfolders but no videos with extensions "
-                                  f"{VIDEO_EXTENSIONS}.")
+        classes, files, labels = sources.class_folders(root, VIDEO_EXTENSIONS, "video", "videos")
         self.root = root
         self.name = f"folder:{os.path.abspath(root)}"
         self.num_classes = len(classes)
