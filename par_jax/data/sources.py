@@ -53,6 +53,37 @@ def to_rgb(image) -> np.ndarray:
     return image[..., :3]
 
 
+def open_tfds(name: str, split: str, data_dir: str | None, download: bool, item: tuple[str, str], label_key: str, *,
+              note: str):
+    """(random-access data source, features) of a tfds split in ArrayRecord format, with one clear error when it is
+    not prepared or lacks the features. item: (feature key, what it must hold, e.g. "an image"); note: what preparing
+    this dataset needs, for the error."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only the tfds sources need it)
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    except Exception as e:  # unknown dataset or config
+        raise DataSourceError(f"tfds has no dataset {name!r}: {e}") from e
+    if download and not builder.is_prepared():
+        logging.info("Preparing tfds dataset %s in %s (ArrayRecord).", name, builder.data_dir)
+        builder.download_and_prepare()
+    try:
+        data = builder.as_data_source(split=split)
+    except Exception as e:  # tfds raises several types (not prepared, wrong format, missing split)
+        raise DataSourceError(
+            f"tfds dataset {name!r} (split {split!r}) is not available in {builder.data_dir}: {e}\n"
+            f"Prepare it once in ArrayRecord format, e.g. `tfds build {name} --file_format=array_record "
+            f"--data_dir=DIR` ({note}), then pass --config.data.tfds_data_dir=DIR; or set "
+            f"--config.data.download=True on a machine with network."
+        ) from e
+    features = builder.info.features
+    item_key, what = item
+    if item_key not in features or label_key not in features:
+        raise DataSourceError(f"tfds dataset {name!r} has features {sorted(features)}; expected {what} under "
+                              f"{item_key!r} and a class label under {label_key!r}.")
+    return data, features
+
+
 class TfdsSource:
     """A tfds dataset split through `builder.as_data_source` (ArrayRecord, random access, no TensorFlow graph).
 
@@ -62,27 +93,10 @@ class TfdsSource:
 
     def __init__(self, name: str, split: str = "train", *, data_dir: str | None = None, download: bool = False,
                  image_key: str = "image", label_key: str = "label"):
-        import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only this source needs it)
-
         self.name = f"tfds:{name}/{split}"
         self._image_key, self._label_key = image_key, label_key
-        builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
-        if download and not builder.is_prepared():
-            logging.info("Preparing tfds dataset %s in %s (ArrayRecord).", name, builder.data_dir)
-            builder.download_and_prepare()
-        try:
-            self._data = builder.as_data_source(split=split)
-        except Exception as e:  # tfds raises several types (not found, wrong format, missing split)
-            raise DataSourceError(
-                f"tfds dataset {name!r} (split {split!r}) is not available in {builder.data_dir}: {e}\n"
-                f"Prepare it once in ArrayRecord format, e.g. `tfds build {name} --file_format=array_record "
-                f"--data_dir=DIR` (ImageNet needs its tar files in DIR/downloads/manual), then pass "
-                f"--config.data.tfds_data_dir=DIR; or set --config.data.download=True on a machine with network."
-            ) from e
-        features = builder.info.features
-        if image_key not in features or label_key not in features:
-            raise DataSourceError(f"tfds dataset {name!r} has features {sorted(features)}; expected an image under "
-                                  f"{image_key!r} and a class label under {label_key!r}.")
+        self._data, features = open_tfds(name, split, data_dir, download, (image_key, "an image"), label_key,
+                                         note="ImageNet needs its tar files in DIR/downloads/manual")
         self.num_classes = int(features[label_key].num_classes)
         self.class_names = tuple(features[label_key].names)
 

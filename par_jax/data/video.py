@@ -26,7 +26,6 @@ from typing import Protocol, Sequence
 
 import grain
 import numpy as np
-from absl import logging
 from PIL import Image
 
 from par_jax.data import sources, views
@@ -190,34 +189,14 @@ class TfdsVideoSource(_CroppedVideos):
     def __init__(self, name: str = "ucf101", split: str = "train", *, data_dir: str | None = None,
                  download: bool = False, num_frames: int = 17, frame_size: int = 32, frame_stride: int = 1,
                  short: str = "error", video_key: str = "video", label_key: str = "label"):
-        import tensorflow_datasets as tfds  # noqa: PLC0415 (heavy; only this source needs it)
-
         self._init_crops(num_frames, frame_size, frame_stride, short)
         if "/" not in name and name in DEFAULT_TFDS_CONFIGS:
             name = f"{name}/{DEFAULT_TFDS_CONFIGS[name]}"
         self.name = f"tfds:{name}/{split}"
         self._video_key, self._label_key = video_key, label_key
-        try:
-            builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
-        except Exception as e:  # unknown dataset or config
-            raise DataSourceError(f"tfds has no video dataset {name!r}: {e}") from e
-        if download and not builder.is_prepared():
-            logging.info("Preparing tfds dataset %s in %s (ArrayRecord).", name, builder.data_dir)
-            builder.download_and_prepare()
-        try:
-            self._data = builder.as_data_source(split=split)
-        except Exception as e:  # tfds raises several types (not prepared, wrong format, missing split)
-            raise DataSourceError(
-                f"tfds dataset {name!r} (split {split!r}) is not available in {builder.data_dir}: {e}\n"
-                f"Prepare it once in ArrayRecord format, e.g. `tfds build {name} --file_format=array_record "
-                f"--data_dir=DIR` (UCF-101 downloads 6.5 GB and needs `ffmpeg` on PATH; docs/data.md, 'Video "
-                f"sources'), then pass that DIR as data_dir (--config.data.tfds_data_dir=DIR); or download=True on a "
-                f"machine with network."
-            ) from e
-        features = builder.info.features
-        if video_key not in features or label_key not in features:
-            raise DataSourceError(f"tfds dataset {name!r} has features {sorted(features)}; expected a video under "
-                                  f"{video_key!r} and a class label under {label_key!r}.")
+        self._data, features = sources.open_tfds(
+            name, split, data_dir, download, (video_key, "a video"), label_key,
+            note="UCF-101 downloads 6.5 GB and needs `ffmpeg` on PATH; docs/data.md, 'Video sources'")
         # (None, H, W, 3) for a fixed frame size (ucf101_1_256), (None, None, None, 3) for the originals.
         self._stored_shape = tuple(features[video_key].shape)
         self.num_classes = int(features[label_key].num_classes)
