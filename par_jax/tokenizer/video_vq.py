@@ -301,35 +301,13 @@ class Upsample3d(nnx.Module):
         return h[:, 1:]
 
 
-class ConvBlock3d(nnx.Module):
-    def __init__(self, cfg: VideoVQConfig, cin: int, cout: int, num_res: int, attention: bool, rngs, *,
-                 downsample: bool = False, upsample: bool = False, temporal: bool = False):
-        res, attn = [], []
-        for _ in range(num_res):
-            res.append(ResnetBlock3d(cfg, cin, cout, rngs))
-            cin = cout
-            if attention:
-                attn.append(FrameAttention(cfg, cout, rngs))
-        self.res = nnx.List(res)
-        self.attn = nnx.List(attn)
-        self.downsample = Downsample3d(cfg, cout, temporal, rngs) if downsample else None
-        self.upsample = Upsample3d(cfg, cout, temporal, rngs) if upsample else None
-
-    def __call__(self, x, rng=None):
-        for i, (block, r) in enumerate(zip(self.res, rng_lib.split(rng, len(self.res)))):
-            x = block(x, r)
-            if len(self.attn):
-                x = self.attn[i](x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.upsample is not None:
-            x = self.upsample(x)
-        return x
-
-
-def _middle3d(cfg: VideoVQConfig, channels: int, rngs: nnx.Rngs) -> nnx.List:
-    return nnx.List([ResnetBlock3d(cfg, channels, channels, rngs), FrameAttention(cfg, channels, rngs),
-                     ResnetBlock3d(cfg, channels, channels, rngs)])
+def _level(cfg: VideoVQConfig, cin: int, cout: int, num_res: int, attention: bool, rngs, *, downsample: bool = False,
+           upsample: bool = False, temporal: bool = False) -> vq.ConvBlock:
+    """One resolution level: the image tokenizer's ConvBlock built from the 3D blocks."""
+    return vq.ConvBlock(
+        cfg, cin, cout, num_res, attention, rngs, resnet=ResnetBlock3d, attend=FrameAttention,
+        downsample=(lambda c, r: Downsample3d(cfg, c, temporal, r)) if downsample else None,
+        upsample=(lambda c, r: Upsample3d(cfg, c, temporal, r)) if upsample else None)
 
 
 class Encoder3d(nnx.Module):
@@ -338,11 +316,11 @@ class Encoder3d(nnx.Module):
         self.conv_in = CausalConv3d(cfg, cfg.in_channels, ch, 3, rngs)
         blocks, cin = [], ch
         for i, m in enumerate(mult):
-            blocks.append(ConvBlock3d(cfg, cin, ch * m, cfg.num_res_blocks, i in cfg.attn_levels, rngs,
-                                      downsample=i < levels - 1, temporal=cfg.temporal_at(i)))
+            blocks.append(_level(cfg, cin, ch * m, cfg.num_res_blocks, i in cfg.attn_levels, rngs,
+                                 downsample=i < levels - 1, temporal=cfg.temporal_at(i)))
             cin = ch * m
         self.conv_blocks = nnx.List(blocks)
-        self.mid = _middle3d(cfg, cin, rngs)
+        self.mid = vq._middle(cfg, cin, rngs, ResnetBlock3d, FrameAttention)
         self.norm_out = vq._group_norm(cfg, cin, rngs)
         self.conv_out = CausalConv3d(cfg, cin, cfg.z_channels, 3, rngs)
 
@@ -360,12 +338,12 @@ class Decoder3d(nnx.Module):
         ch, mult, levels = cfg.base_channels, cfg.channel_mult, len(cfg.channel_mult)
         cin = ch * mult[-1]
         self.conv_in = CausalConv3d(cfg, cfg.z_channels, cin, 3, rngs)
-        self.mid = _middle3d(cfg, cin, rngs)
+        self.mid = vq._middle(cfg, cin, rngs, ResnetBlock3d, FrameAttention)
         blocks = []
         for i in reversed(range(levels)):
             # Level i's upsampling undoes the encoder's downsampling after level i - 1.
-            blocks.append(ConvBlock3d(cfg, cin, ch * mult[i], cfg.num_res_blocks + 1, i in cfg.attn_levels, rngs,
-                                      upsample=i > 0, temporal=i > 0 and cfg.temporal_at(i - 1)))
+            blocks.append(_level(cfg, cin, ch * mult[i], cfg.num_res_blocks + 1, i in cfg.attn_levels, rngs,
+                                 upsample=i > 0, temporal=i > 0 and cfg.temporal_at(i - 1)))
             cin = ch * mult[i]
         self.conv_blocks = nnx.List(blocks)
         self.norm_out = vq._group_norm(cfg, cin, rngs)

@@ -22,6 +22,7 @@ next to the decoder (VQ-16 has 72M parameters), so training replicates it and sh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, NamedTuple
 
@@ -235,17 +236,20 @@ class Upsample(nnx.Module):
 class ConvBlock(nnx.Module):
     """One resolution level: residual blocks (each followed by attention at attention levels), then resampling."""
 
-    def __init__(self, cfg: VQConfig, cin: int, cout: int, num_res: int, attention: bool, resample, rngs):
+    def __init__(self, cfg: VQConfig, cin: int, cout: int, num_res: int, attention: bool, rngs, *,
+                 downsample=None, upsample=None, resnet=ResnetBlock, attend=AttnBlock):
+        """downsample / upsample: (channels, rngs) -> module, or None; resnet / attend: the block classes (the video
+        tokenizer passes its 3D ones)."""
         res, attn = [], []
         for _ in range(num_res):
-            res.append(ResnetBlock(cfg, cin, cout, rngs))
+            res.append(resnet(cfg, cin, cout, rngs))
             cin = cout
             if attention:
-                attn.append(AttnBlock(cfg, cout, rngs))
+                attn.append(attend(cfg, cout, rngs))
         self.res = nnx.List(res)
         self.attn = nnx.List(attn)
-        self.downsample = resample(cfg, cout, rngs) if resample is Downsample else None
-        self.upsample = resample(cfg, cout, rngs) if resample is Upsample else None
+        self.downsample = downsample(cout, rngs) if downsample else None
+        self.upsample = upsample(cout, rngs) if upsample else None
 
     def __call__(self, x, rng=None):
         for i, (block, r) in enumerate(zip(self.res, rng_lib.split(rng, len(self.res)))):
@@ -259,9 +263,9 @@ class ConvBlock(nnx.Module):
         return x
 
 
-def _middle(cfg: VQConfig, channels: int, rngs: nnx.Rngs) -> nnx.List:
-    return nnx.List([ResnetBlock(cfg, channels, channels, rngs), AttnBlock(cfg, channels, rngs),
-                     ResnetBlock(cfg, channels, channels, rngs)])
+def _middle(cfg: VQConfig, channels: int, rngs: nnx.Rngs, resnet=ResnetBlock, attend=AttnBlock) -> nnx.List:
+    return nnx.List([resnet(cfg, channels, channels, rngs), attend(cfg, channels, rngs),
+                     resnet(cfg, channels, channels, rngs)])
 
 
 def _middle_forward(mid: nnx.List, h, rng):
@@ -275,8 +279,8 @@ class Encoder(nnx.Module):
         self.conv_in = _conv(cfg, cfg.in_channels, ch, 3, rngs)
         blocks, cin = [], ch
         for i, m in enumerate(mult):
-            blocks.append(ConvBlock(cfg, cin, ch * m, cfg.num_res_blocks, i in cfg.attn_levels,
-                                    Downsample if i < levels - 1 else None, rngs))
+            blocks.append(ConvBlock(cfg, cin, ch * m, cfg.num_res_blocks, i in cfg.attn_levels, rngs,
+                                    downsample=functools.partial(Downsample, cfg) if i < levels - 1 else None))
             cin = ch * m
         self.conv_blocks = nnx.List(blocks)
         self.mid = _middle(cfg, cin, rngs)
@@ -300,8 +304,8 @@ class Decoder(nnx.Module):
         self.mid = _middle(cfg, cin, rngs)
         blocks = []
         for i in reversed(range(levels)):
-            blocks.append(ConvBlock(cfg, cin, ch * mult[i], cfg.num_res_blocks + 1, i in cfg.attn_levels,
-                                    Upsample if i > 0 else None, rngs))
+            blocks.append(ConvBlock(cfg, cin, ch * mult[i], cfg.num_res_blocks + 1, i in cfg.attn_levels, rngs,
+                                    upsample=functools.partial(Upsample, cfg) if i > 0 else None))
             cin = ch * mult[i]
         self.conv_blocks = nnx.List(blocks)
         self.norm_out = _group_norm(cfg, cin, rngs)
