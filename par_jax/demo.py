@@ -130,7 +130,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         out = {}
         if len(steps):
             path = dirs["report"] / "loss.png"
-            plot_curve(steps, loss, os.fspath(path), f"PAR-{par.model.n}x on Fashion-MNIST codes: training loss")
+            data = "Moving Fashion-MNIST clip" if video else "Fashion-MNIST image"
+            plot_curve(steps, loss, os.fspath(path), f"PAR-{par.model.n}x on {data} codes: training loss")
             out.update(loss_png=os.fspath(path), first_loss=float(loss[0]), last_loss=float(loss[-1]))
         shutil.copy(os.fspath(root / results["samples"]["png"]), dirs["report"] / "samples.png")  # relative to root
         out["samples_png"] = os.fspath(dirs["report"] / "samples.png")
