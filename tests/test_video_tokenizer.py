@@ -112,6 +112,21 @@ def test_encode_decode_shapes_and_dtypes(model):
     assert recon.shape == (2, 5, 16, 16, 3) and q.codes.shape == (2, 2, 4, 4) and q.z_q.shape == (2, 2, 4, 4, 4)
 
 
+def test_evaluation_sums_psnr_per_frame_index_over_valid_clips_only(model):
+    from par_jax.tokenizer import train
+    clips = random_clips(5, (3, 9, 16, 16, 3))
+    images = jnp.round((clips + 1) * 127.5).astype(jnp.uint8)
+    valid = jnp.asarray([True, True, False])
+    sums, _, recon = train.eval_step(nnx.to_pure_dict(nnx.state(model, nnx.Param)), images, valid,
+                                     vq_def=nnx.graphdef(model), cfg=model.config, crop=0)
+    x = np.asarray(train.to_float(images), np.float64)
+    mse = np.mean(((x - np.asarray(recon, np.float64)) / 2) ** 2, axis=(2, 3, 4))  # (clip, frame)
+    expected = (-10 * np.log10(mse))[:2].sum(axis=0)  # the third clip is padding
+    assert sums["psnr_by_frame"].shape == (9,)
+    np.testing.assert_allclose(np.asarray(sums["psnr_by_frame"]), expected, rtol=1e-4)
+    np.testing.assert_allclose(float(sums["psnr"]), expected.sum() / 9, rtol=1e-4)  # a clip's PSNR: its frames' mean
+
+
 def test_per_frame_baseline_keeps_every_frame_and_treats_each_alone():
     cfg = tiny(kind="per_frame", temporal_downsample=1, num_frames=3)
     m = video_vq.VideoVQModel(cfg, rngs=nnx.Rngs(1))
@@ -186,6 +201,7 @@ def test_train_tokenizer_job_on_clips_writes_a_gif_and_an_export_that_loads(tmp_
     config.eval.update(batch_size=2, num_images=2, final_num_images=2)
     metrics = train.train_and_evaluate(config, str(tmp_path))
     assert metrics["clips"] == 2 and np.isfinite(metrics["psnr"]) and 0 < metrics["code_usage"] <= 1
+    assert len(metrics["psnr_by_frame"]) == config.data.num_frames  # one per frame index, beside the mean
     gif = tmp_path / "reconstructions" / "step_00000002.gif"
     assert gif.exists() and (tmp_path / "reconstructions" / "step_00000002_frames.png").exists()
     from PIL import Image

@@ -6,8 +6,8 @@ of a video tokenizer on a clip split.
 Scores `config.eval.tokenizer` (default: the workdir's tokenizer) on the first `config.eval.final_num_images` images
 (<= 0: all) of `config.data.eval_split`, and writes WORKDIR/eval_tokenizer/metrics.json (MSE and PSNR in [0, 1]
 pixel units, codebook usage, dead codes, perplexity) and reconstructions.png (originals beside reconstructions).
-For a video tokenizer the counts are clips, PSNR is per frame, and the reconstructions are reconstructions.gif
-(animated) and reconstructions_frames.png (a frame strip).
+For a video tokenizer the counts are clips, PSNR is per frame (and `psnr_by_frame` lists it per frame index), and the
+reconstructions are reconstructions.gif (animated) and reconstructions_frames.png (a frame strip).
 """
 
 from __future__ import annotations

@@ -215,7 +215,7 @@ def psnr(x, y):
 
 def eval_step(params, images, valid, *, vq_def, cfg, crop: int):
     """Sums over the valid images (or clips) of one batch: squared error (in [0, 1] units), PSNR (a clip's is the
-    mean PSNR of its frames); and the code histogram.
+    mean PSNR of its frames; clips also sum it per frame index); and the code histogram.
 
     `crop` > 0 scores only the centre crop x crop pixels (e.g. the 28x28 of Fashion-MNIST padded to 32x32).
     """
@@ -229,8 +229,10 @@ def eval_step(params, images, valid, *, vq_def, cfg, crop: int):
         xs, rs = x[..., o:o + crop, o:o + crop, :], recon[..., o:o + crop, o:o + crop, :]
     w = valid.astype(jnp.float32)
     se = jnp.mean(((xs - rs) / 2.0) ** 2, axis=tuple(range(1, x.ndim)))
-    item_psnr = psnr(frames(xs), frames(rs)).reshape(x.shape[0], -1).mean(axis=1)
-    sums = {"mse": jnp.sum(se * w), "psnr": jnp.sum(item_psnr * w), "count": jnp.sum(w)}
+    frame_psnr = psnr(frames(xs), frames(rs)).reshape(x.shape[0], -1)  # (B, T) for clips, (B, 1) for images
+    sums = {"mse": jnp.sum(se * w), "psnr": jnp.sum(frame_psnr.mean(axis=1) * w), "count": jnp.sum(w)}
+    if x.ndim == 5:  # by frame index: a causal tokenizer encodes frame 0 alone, the rest in groups
+        sums["psnr_by_frame"] = jnp.sum(frame_psnr * w[:, None], axis=0)
     hist = jnp.bincount(jnp.where(valid.reshape((-1,) + (1,) * (codes.ndim - 1)), codes, cfg.codebook_size)
                         .reshape(-1), length=cfg.codebook_size + 1)[:-1]
     return sums, hist, recon
@@ -334,6 +336,8 @@ def evaluate(params, config, cfg, vq_def, mesh, *, num_images: int, grid_images:
     mse = float(totals["mse"]) / count
     metrics = {"mse": mse, "psnr": float(totals["psnr"]) / count, "psnr_of_mean_mse": -10 * math.log10(mse),
                ("clips" if is_video(cfg) else "images"): count, **usage(jax.device_get(hist))}
+    if "psnr_by_frame" in totals:
+        metrics["psnr_by_frame"] = [round(float(v) / count, 4) for v in totals["psnr_by_frame"]]
     if grid_images:
         originals = np.concatenate(originals)[:grid_images]
         recons = np.concatenate(recons)[:grid_images]
@@ -468,7 +472,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     num = config.eval.final_num_images if last else config.eval.num_images
                     eval_metrics, originals, recons = evaluate(state["params"], config, cfg, vq_def, mesh,
                                                                num_images=num, grid_images=t.grid_images)
-                    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+                    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()
+                                                if not isinstance(v, list)})  # psnr_by_frame: in metrics.json
                     path = _write_grid(writer, run.workdir, step, originals, recons) if jax.process_index() == 0 else ""
                     unit = "clips" if is_video(cfg) else "images"
                     logging.info("eval at step %d on %d %s: mse %.5f, psnr %.2f dB, codes used %.1f%% (%d dead); "
