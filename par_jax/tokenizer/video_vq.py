@@ -20,7 +20,6 @@ post_quant_conv, decoder...), with 3D kernels (t, h, w, in, out) in causal3d.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any
 
@@ -45,8 +44,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class VideoVQConfig:
+class VideoVQConfig(vq.ConfigRecord):
     """Everything that fixes a video tokenizer's parameters and computation. Defaults: the CPU-sized causal3d."""
+    kind_name = "video tokenizer"  # for errors (not a field)
     kind: str = "causal3d"
     frame_size: int = 32               # training resolution; encode accepts any multiple of `downsample`
     num_frames: int = 17               # training clip length (a runtime field: any valid length encodes)
@@ -144,19 +144,6 @@ class VideoVQConfig:
         """Code grid of a training clip (`num_frames` frames of `frame_size`)."""
         return self.latent_shape(self.num_frames, self.frame_size)
 
-    def replace(self, **kwargs) -> "VideoVQConfig":
-        return dataclasses.replace(self, **kwargs)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VideoVQConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown video tokenizer config fields {unknown}; known fields: {sorted(fields)}.")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
 def video_vq_config(name: str = "video", **overrides: Any) -> VideoVQConfig:

@@ -44,8 +44,29 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+class ConfigRecord:
+    """What the image and the video tokenizer configs share: a frozen dataclass that is copied with changes, written
+    as JSON and read back from a dict (JSON lists become tuples), refusing unknown fields by name."""
+
+    kind_name = "tokenizer"  # for errors
+
+    def replace(self, **kwargs):
+        return dataclasses.replace(self, **kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"unknown {cls.kind_name} config fields {unknown}; known fields: {sorted(fields)}.")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
 @dataclasses.dataclass(frozen=True)
-class VQConfig:
+class VQConfig(ConfigRecord):
     """Everything that fixes the tokenizer's parameters and computation. Defaults are LlamaGen's VQ-16."""
     image_size: int = 256               # training resolution; encode accepts any multiple of `downsample`
     in_channels: int = 3
@@ -96,19 +117,6 @@ class VQConfig:
         side = self.image_size // self.downsample
         return (side, side)
 
-    def replace(self, **kwargs) -> "VQConfig":
-        return dataclasses.replace(self, **kwargs)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VQConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"unknown tokenizer config fields {unknown}; known fields: {sorted(fields)}.")
-        return cls(**d)
 
 
 def vq_config(name: str = "vq16", **overrides: Any) -> VQConfig:
