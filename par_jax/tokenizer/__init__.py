@@ -69,7 +69,7 @@ def read_config(path) -> AnyConfig:
     kind = VideoVQConfig if video_vq.is_video_config_dict(d) else VQConfig
     fields = {f.name for f in dataclasses.fields(kind)}
     # Derived values stored beside the fields (e.g. grid_shape) are not fields.
-    return kind.from_dict({k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in fields})
+    return kind.from_dict({k: v for k, v in d.items() if k in fields})
 
 
 def load(path, cfg: Optional[AnyConfig] = None, *, codes_dir: str = "") -> AnyModel:
