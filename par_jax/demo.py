@@ -183,3 +183,97 @@ def _print_summary(root: epath.Path, dirs: dict, results: dict, total: float) ->
         f"  summary                  {root / 'summary.json'}",
     ]
     print("\n".join(lines), flush=True)
+
+
+# ----- comparing finished runs: the n = 1 / 4 / 16 table over seeds -----
+
+TABLE_METRICS = ("fid", "fd_video_classifier", "fvd", "precision", "recall", "class_consistency")
+
+
+def seed_table(run_dirs, confidence: float = 0.95) -> tuple[str, dict]:
+    """Finished demo runs grouped by their decoder's n: (markdown table, JSON-able dict) with, per n, the decoding
+    steps and the mean and `confidence` Student-t interval over the runs' seeds of each metric and the final loss.
+
+    Runs must differ only in n and seed (e.g. the `config.demo.shared_dir` runs of docs/video.md); anything else that
+    differs in their decoder configs is refused by name rather than averaged.
+    """
+    from par_jax import ordering  # noqa: PLC0415
+
+    runs = []
+    for d in map(epath.Path, run_dirs):
+        summary, config = d / "summary.json", d / "par" / "config.json"
+        if not summary.exists() or not config.exists():
+            raise UsageError(f"{d} is not a finished demo run (no summary.json or par/config.json); finish it with "
+                             f"the command that made it, or leave it out.")
+        cfg = json.loads(config.read_text())
+        runs.append((d, cfg, json.loads(summary.read_text())["results"]))
+    if not runs:
+        raise UsageError("no runs given: pass the workdirs of finished demo runs.")
+
+    def protocol(cfg):  # everything but n, the seed and the run's own paths; shared paths compared resolved
+        def resolve(v):
+            if isinstance(v, dict):
+                return {k: resolve(x) for k, x in v.items()}
+            return os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
+        out = resolve(cfg)
+        out.pop("seed", None), out.pop("arg", None), out["model"].pop("n", None)
+        for section in ("train", "sample", "eval", "data"):
+            for key in ("seed", "checkpoint", "workdir"):
+                out.get(section, {}).pop(key, None)
+        return out
+
+    base = protocol(runs[0][1])
+    for d, cfg, _ in runs[1:]:
+        diffs = phases_lib.protocol_diffs(base, protocol(cfg))
+        if diffs:
+            raise UsageError(f"{d} differs from {runs[0][0]} in more than n and the seed ({'; '.join(diffs[:3])}); "
+                             f"compare runs of one protocol.")
+    metrics = [m for m in TABLE_METRICS if all(isinstance(r["eval"].get(m), (int, float)) for _, _, r in runs)]
+    by_n: dict[int, list] = {}
+    for _, cfg, results in runs:
+        by_n.setdefault(int(cfg["model"]["n"]), []).append((int(cfg["seed"]), results))
+    grid = runs[0][1]["model"]["grid_shape"]
+    rows, table = [], {}
+    for n in sorted(by_n):
+        seeds = sorted(s for s, _ in by_n[n])
+        if len(set(seeds)) != len(seeds):
+            raise UsageError(f"two runs of n = {n} have the same seed ({seeds}); each seed once.")
+        values = {m: phases_lib.mean_interval([r["eval"][m] for _, r in by_n[n]], confidence) for m in metrics}
+        values["loss"] = phases_lib.mean_interval([r["par"]["loss"] for _, r in by_n[n]], confidence)
+        steps = ordering.num_steps(grid, n)
+        table[n] = {"steps": steps, "seeds": seeds, **values}
+
+        def cell(v):
+            return f"{v['mean']:.3g}" + (f" ± {v['half_width']:.2g}" if v["half_width"] is not None else "")
+        rows.append(f"| {n} | {steps} | {', '.join(map(str, seeds))} | "
+                    + " | ".join(cell(values[m]) for m in (*metrics, "loss")) + " |")
+    head = ("| n | steps | seeds | " + " | ".join((*metrics, "final loss")) + " |\n|"
+            + "---|" * (3 + len(metrics) + 1))
+    note = (f"\n\nMean ± half-width of the {confidence:.0%} Student-t interval over seeds (none for one seed); token "
+            f"grid {'x'.join(map(str, grid))}.")
+    return head + "\n" + "\n".join(rows) + note, {"grid_shape": grid, "confidence": confidence, "by_n": table}
+
+
+def _define_flags(fv, argv) -> None:
+    from absl import flags  # noqa: PLC0415
+    del argv
+    flags.DEFINE_list("runs", None, "Workdirs of finished demo runs that differ only in n and seed.", flag_values=fv)
+    flags.DEFINE_string("out", "", "Also write the table's numbers as JSON here.", flag_values=fv)
+    flags.DEFINE_float("confidence", 0.95, "Confidence of the intervals over seeds.", flag_values=fv)
+    flags.mark_flag_as_required("runs", flag_values=fv)
+
+
+def main(argv=None) -> None:
+    """`python -m par_jax.demo --runs=DIR,DIR,... [--out=table.json]`: the n = 1 / 4 / 16 table of finished demo runs
+    (mean and interval over seeds of every metric), as markdown on stdout."""
+    from par_jax.core import config_args  # noqa: PLC0415
+    f = config_args.parse_flags(argv, _define_flags, doc=main.__doc__)
+    text, numbers = seed_table(f.runs, f.confidence)
+    print(text)
+    if f.out:
+        epath.Path(f.out).write_text(json.dumps(numbers, indent=1))
+
+
+if __name__ == "__main__":
+    from par_jax.core import config_args
+    config_args.run(main)

@@ -12,9 +12,10 @@ evaluation classifier (image or video).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import logging
@@ -111,6 +112,23 @@ class Phases:
         (self.root / name / MARKER).write_text(json.dumps(result, indent=2, default=jsonable))
         print(f"[{self.label} {i}/{self.total}] {name}: finished in {result['seconds']:.0f} s", flush=True)
         return result
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean and the two-sided Student-t interval for the mean of `values` (seeds): mean +- t(1 - a/2, k - 1) s/sqrt(k)
+    with s the sample standard deviation. One value has no interval (half_width None)."""
+    from scipy import stats  # noqa: PLC0415
+
+    x = np.asarray(values, np.float64)
+    k = x.size
+    if k == 0:
+        raise ValueError("no values to summarise.")
+    mean = float(x.mean())
+    if k < 2:
+        return {"mean": mean, "half_width": None, "low": None, "high": None, "seeds": k, "values": x.tolist()}
+    half = float(stats.t.ppf(0.5 + confidence / 2, k - 1) * x.std(ddof=1) / math.sqrt(k))
+    return {"mean": mean, "half_width": half, "low": mean - half, "high": mean + half, "seeds": k,
+            "values": x.tolist()}
 
 
 # ----- the phases the Fashion-MNIST commands share -----

@@ -16,7 +16,6 @@ Layout under the workdir:
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from par_jax import phases as phases_lib
+from par_jax.phases import mean_interval
 from par_jax.core.config_args import UsageError
 
 SHARED = ("tokenizer", "codes", "heldout_codes", "classifier")
@@ -33,23 +33,6 @@ RESULTS_FILE = "results.json"
 
 
 # ----- the interval arithmetic -----
-
-def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
-    """Mean and the two-sided Student-t interval for the mean of `values` (seeds): mean +- t(1 - a/2, k - 1) s/sqrt(k)
-    with s the sample standard deviation. One value has no interval (half_width None)."""
-    from scipy import stats  # noqa: PLC0415
-
-    x = np.asarray(values, np.float64)
-    k = x.size
-    if k == 0:
-        raise ValueError("no values to summarise.")
-    mean = float(x.mean())
-    if k < 2:
-        return {"mean": mean, "half_width": None, "low": None, "high": None, "seeds": k, "values": x.tolist()}
-    half = float(stats.t.ppf(0.5 + confidence / 2, k - 1) * x.std(ddof=1) / math.sqrt(k))
-    return {"mean": mean, "half_width": half, "low": mean - half, "high": mean + half, "seeds": k,
-            "values": x.tolist()}
-
 
 # ----- cells -----
 

@@ -67,3 +67,46 @@ def test_shared_dir_must_hold_finished_phases(tmp_path):
     assert proc.returncode != 0
     assert "has no finished tokenizer phase" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "par").exists()  # refused before any training
+
+
+def _fake_run(root, n, seed, fd, loss, **changes):
+    """A finished demo run's two records, as the demo writes them (summary.json, par/config.json)."""
+    config = {"seed": seed, "arg": f"n={n},seed={seed}", "model": {"n": n, "grid_shape": [5, 8, 8], "dim": 128},
+              "train": {"num_steps": 800}, "data": {"codes_dir": "shared/codes"}, **changes}
+    run = root / f"n{n}_seed{seed}"
+    (run / "par").mkdir(parents=True)
+    (run / "par" / "config.json").write_text(json.dumps(config))
+    results = {"eval": {"fd_video_classifier": fd, "class_consistency": 0.3, "precision": 0.8, "recall": 0.1},
+               "par": {"loss": loss}}
+    (run / "summary.json").write_text(json.dumps({"results": results}))
+    return str(run)
+
+
+def test_seed_table_groups_runs_by_n_with_intervals_and_refuses_mixed_protocols(tmp_path):
+    from par_jax import demo, phases
+    from par_jax.core.config_args import UsageError
+    runs = [_fake_run(tmp_path, 4, s, fd, 2.8) for s, fd in ((0, 60.0), (1, 70.0), (2, 65.0))]
+    runs.append(_fake_run(tmp_path, 16, 0, 80.0, 3.0))
+    text, numbers = demo.seed_table(runs)
+    four = numbers["by_n"][4]
+    assert four["steps"] == 83 and four["seeds"] == [0, 1, 2] and numbers["by_n"][16]["steps"] == 35
+    assert four["fd_video_classifier"] == phases.mean_interval([60.0, 70.0, 65.0])
+    assert four["fd_video_classifier"]["half_width"] > 0 and numbers["by_n"][16]["loss"]["half_width"] is None
+    assert "| 4 | 83 | 0, 1, 2 | 65 ± 12 |" in text and "| 16 | 35 | 0 | 80 |" in text
+    # Another decoder width is another protocol: refused by name, not averaged.
+    other = _fake_run(tmp_path / "other", 4, 3, 50.0, 2.5, model={"n": 4, "grid_shape": [5, 8, 8], "dim": 256})
+    with pytest.raises(UsageError, match="model.dim: 128 -> 256"):
+        demo.seed_table(runs + [other])
+    with pytest.raises(UsageError, match="same seed"):
+        demo.seed_table(runs + [_fake_run(tmp_path / "again", 4, 1, 61.0, 2.8)])
+    with pytest.raises(UsageError, match="not a finished demo run"):
+        demo.seed_table(runs + [str(tmp_path / "absent")])
+
+
+def test_seed_table_compares_shared_paths_resolved(tmp_path):
+    from par_jax import demo
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    a = _fake_run(tmp_path, 4, 0, 60.0, 2.8, data={"codes_dir": str(codes)})
+    b = _fake_run(tmp_path, 4, 1, 62.0, 2.8, data={"codes_dir": os.path.relpath(codes)})  # the same folder
+    assert demo.seed_table([a, b])[1]["by_n"][4]["seeds"] == [0, 1]
