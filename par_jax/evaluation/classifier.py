@@ -206,16 +206,25 @@ def save(directory, model: Classifier, metadata: dict[str, Any]) -> epath.Path:
     return directory
 
 
-def restore(directory, make: Callable[[], nnx.Module], check: Callable[[dict], None]) -> tuple[Any, dict[str, Any]]:
-    """(model in eval mode, metadata) from a directory written by `save`; `make` builds the network (abstractly
-    here), `check` refuses metadata of another kind of classifier before any parameter is read."""
+def restore(directory, make: Callable[[], nnx.Module], *, kind: str, name: str, command: str
+            ) -> tuple[Any, dict[str, Any]]:
+    """(model in eval mode, metadata) from a directory written by `save`. `make` builds the network (abstractly
+    here); a folder of another `kind` of classifier is refused by `name` before any parameter is read, and a missing
+    one names the `command` that trains it."""
+    directory = checkpoint.as_path(directory)
+    if not (directory / "params").exists():
+        raise FileNotFoundError(f"no {name} in {directory}; train one with `python -m {command} --out={directory}` "
+                                f"or let `load_or_train` do it.")
     graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
     # Explicit device: under a training loop's `jax.set_mesh`, abstract shapes carry that mesh's abstract sharding.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nnx.to_pure_dict(params))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         metadata = ckptr.restore(directory, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
-        check(metadata)
+        found = metadata.get("kind", "image_classifier")  # image classifiers saved before kinds existed have none
+        if found != kind:
+            raise UsageError(f"{directory} holds another kind of classifier ({found}), not the {name}: point "
+                             f"config.eval.classifier at a {name}'s folder.")
         restored = ckptr.restore(directory, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     nnx.replace_by_pure_dict(params, restored["params"])
     rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, rest)
@@ -226,17 +235,8 @@ def restore(directory, make: Callable[[], nnx.Module], check: Callable[[dict], N
 
 def load(directory) -> tuple[Classifier, dict[str, Any]]:
     """(model in eval mode, metadata) from a directory written by `save`."""
-    directory = checkpoint.as_path(directory)
-    if not (directory / "params").exists():
-        raise FileNotFoundError(f"no Fashion-MNIST classifier in {directory}; train one with "
-                                f"`python -m par_jax.evaluation.classifier --out={directory}` or let "
-                                f"`load_or_train` do it.")
-
-    def check(metadata):
-        if metadata.get("kind", "image_classifier") != "image_classifier":
-            raise UsageError(f"{directory} holds a {metadata['kind']}, not the Fashion-MNIST image classifier: point "
-                             f"config.eval.classifier at an image classifier's folder.")
-    return restore(directory, lambda: Classifier(rngs=nnx.Rngs(0)), check)
+    return restore(directory, lambda: Classifier(rngs=nnx.Rngs(0)), kind="image_classifier",
+                   name="Fashion-MNIST classifier", command="par_jax.evaluation.classifier")
 
 
 def load_or_train(directory, settings: TrainSettings = TrainSettings()) -> tuple[Classifier, dict[str, Any]]:

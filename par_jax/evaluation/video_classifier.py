@@ -27,8 +27,6 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from par_jax.core import checkpoint
-from par_jax.core.config_args import UsageError
 from par_jax.evaluation import classifier as image_classifier
 
 FRAME_SIZE = 32
@@ -160,17 +158,8 @@ def save(directory, model: VideoClassifier, metadata: dict[str, Any]) -> epath.P
 
 def load(directory) -> tuple[VideoClassifier, dict[str, Any]]:
     """(model in eval mode, metadata) from a directory written by `save`."""
-    directory = checkpoint.as_path(directory)
-    if not (directory / "params").exists():
-        raise FileNotFoundError(f"no video classifier in {directory}; train one with "
-                                f"`python -m par_jax.evaluation.video_classifier --out={directory}` or let "
-                                f"`load_or_train` do it.")
-
-    def check(metadata):
-        if metadata.get("kind") != "video_classifier":
-            raise UsageError(f"{directory} holds a {metadata.get('kind', 'Fashion-MNIST image')} classifier, not a "
-                             f"video classifier: point config.eval.classifier at a video classifier's folder.")
-    return image_classifier.restore(directory, lambda: VideoClassifier(rngs=nnx.Rngs(0)), check)
+    return image_classifier.restore(directory, lambda: VideoClassifier(rngs=nnx.Rngs(0)), kind="video_classifier",
+                                    name="video classifier", command="par_jax.evaluation.video_classifier")
 
 
 def load_or_train(directory, settings: TrainSettings = TrainSettings(), *,
