@@ -52,6 +52,7 @@ def get_config(arg: str = ""):
     # 2-5. The decoder, its data, sampling and evaluation: the PAR experiment config, made small (the image demo's
     # decoder: 4 layers of width 128, float32).
     par = par_configs.get_config(f"size=small,n={a.n},runlocal")
+    par.seed = a.seed  # the decoder's initialisation (the train job's config.seed); data order and samples below
     par.model.update(num_layers=4, num_heads=4, dim=128, grid_shape=grid, vocab_size=vq.codebook_size,
                      num_classes=10, dtype="float32", attn_dropout=0.0, scan_layers=False)
     par.data.update(source="codes", split="train", views="clip", flip_views=False, extract_batch_size=32,

@@ -110,3 +110,14 @@ def test_seed_table_compares_shared_paths_resolved(tmp_path):
     a = _fake_run(tmp_path, 4, 0, 60.0, 2.8, data={"codes_dir": str(codes)})
     b = _fake_run(tmp_path, 4, 1, 62.0, 2.8, data={"codes_dir": os.path.relpath(codes)})  # the same folder
     assert demo.seed_table([a, b])[1]["by_n"][4]["seeds"] == [0, 1]
+
+
+def test_the_seed_argument_reaches_every_seed_of_the_decoder_run():
+    """seed=k must change the decoder's initialisation (the train job reads config.par.seed), not only data order and
+    sampling; the shared tokenizer, codes and classifier do not depend on it."""
+    from par_jax.core import config_args
+    zero = config_args.load_config(os.path.join(ROOT, "configs", "demo_video.py") + ":seed=0")
+    two = config_args.load_config(os.path.join(ROOT, "configs", "demo_video.py") + ":seed=2")
+    assert two.par.seed == 2 and zero.par.seed == 0
+    assert (two.par.data.seed, two.par.sample.seed, two.par.eval.seed) == (2, 2, 2)
+    assert two.tokenizer.to_dict() == zero.tokenizer.to_dict()
