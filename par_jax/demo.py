@@ -216,10 +216,12 @@ def seed_table(run_dirs, confidence: float = 0.95) -> tuple[str, dict]:
                 return {k: resolve(x) for k, x in v.items()}
             return os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
         out = resolve(cfg)
-        out.pop("seed", None), out.pop("arg", None), out["model"].pop("n", None)
-        for section in ("train", "sample", "eval", "data"):
+        for section, keys in ((out, ("seed", "arg")), (out["model"], ("n",))):
+            for key in keys:
+                section.pop(key, None)
+        for name in ("train", "sample", "eval", "data"):
             for key in ("seed", "checkpoint", "workdir"):
-                out.get(section, {}).pop(key, None)
+                out.get(name, {}).pop(key, None)
         return out
 
     base = protocol(runs[0][1])
