@@ -246,7 +246,7 @@ def report(config, root: epath.Path, cells: list[str], seeds: list[int]) -> dict
 # ----- the job -----
 
 def run(config, workdir: str) -> dict[str, Any]:
-    cells = _names(config.reproduce.cells or ",".join(config.cells), list(config.cells), "cells")
+    cells = _names(config.reproduce.cells, list(config.cells), "cells")  # in the order given (a ConfigDict sorts)
     seeds = seeds_of(config)
     root = epath.Path(workdir)
     root.mkdir(parents=True, exist_ok=True)

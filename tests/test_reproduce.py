@@ -44,6 +44,9 @@ def test_every_table4_cell_is_in_the_grid(config):
     assert set(config.cells) == {"raster_one", "distant_one", "raster_multi", "distant_multi", "no_prefix",
                                  "causal_group", "distant_multi16"}
     assert config.reproduce.seeds == "0,1,2"  # at least 3 seeds
+    # The grid runs and reports in the paper's order, not the alphabetical one a ConfigDict iterates in.
+    assert reproduce._names(config.reproduce.cells, list(config.cells), "cells") == [
+        "raster_one", "distant_one", "raster_multi", "distant_multi", "no_prefix", "causal_group", "distant_multi16"]
 
 
 def test_cells_differ_only_in_their_order_fields_and_seed(config, tmp_path):
@@ -197,6 +200,8 @@ def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, 
     assert (tmp_path / "report" / "entropy_increase.png").exists()
     table = (tmp_path / "report" / "table.md").read_text()
     assert all(f"| {name} |" in table for name in cells) and "95% t-interval" in table
+    rows = [table.index(f"| {name} |") for name in cells]
+    assert rows == sorted(rows)  # one row per cell, in the order asked for
     assert all(f"{name} 2.0" in table for name in cells)  # wall time per seed, from the phases' records
     for name in ("raster_multi", "distant_multi"):  # the sample grids side by side (the paper's Figure 5)
         assert (tmp_path / out["sample_grids"][name]).read_bytes() == f"{name} 0".encode()
