@@ -99,8 +99,19 @@ def test_benchmarks_take_the_experiment_config_like_every_job(monkeypatch, tmp_p
     args = bench_sample.settings_from_flags(f)
     assert (args.size, args.n, args.grid, args.vocab, args.num_classes) == ("L", "4", (16, 16), 16384, 1000)
     assert (args.guidance, args.dtype) == (2.5, "float32")
+    assert args.shape == {}  # configs/par.py names its size and sets nothing over it
     args = bench_sample.settings_from_flags(config_args.parse_flags(["bench"], bench_sample.define_flags))
     assert (args.size, args.n, args.grid, args.dtype) == ("B", "1,4,16", (24, 24), "float32")  # no config: flags
+    assert args.shape == {}
+    # A demo config: its decoder block (config.par), with the demo's own depth and width, not the named size's.
+    video = str(pathlib.Path(PAR).with_name("demo_video.py"))
+    args = bench_sample.settings_from_flags(config_args.parse_flags(["bench", f"--config={video}"],
+                                                                    bench_sample.define_flags))
+    assert (args.grid, args.vocab, args.num_classes, args.n, args.guidance) == ((5, 8, 8), 512, 10, "4", 3.0)
+    assert args.shape == {"num_layers": 4, "num_heads": 4, "dim": 128}
+    args = bench_sample.settings_from_flags(config_args.parse_flags(["bench", f"--config={video}", "--size=tiny"],
+                                                                    bench_sample.define_flags))
+    assert args.size == "tiny" and args.shape == {}  # an explicit --size wins, shape included
     # Training: one config per size; --sizes/--res/--n are the config's arguments, given once.
     f = config_args.parse_flags(["bench", f"--config={PAR}:size=B,n=16", "--res=128",
                                  "--config.model.remat=full"], bench_train.define_flags)

@@ -3,10 +3,12 @@ r"""Sampling speed against floors measured in the same process.
     python -m par_jax.bench.sample --size=B --n=1,4,16 --grid=24x24 --batch=1 --guidance=1.5 --dtype=float32
     python -m par_jax.bench.sample --config=configs/par.py:size=B,res=384 --n=1,4,16 --dtype=float32
     python -m par_jax.bench.sample --size=B --n=1,4,16 --grid=5x16x16    # video: 17 frames at 128 px (PAR_SPEC 14)
+    python -m par_jax.bench.sample --config=configs/demo_video.py --n=1,4,16 --batch=1   # the video demo's decoder
 
 The model and sampling settings come from the flags (--size, --grid, --vocab, --num_classes, --dtype, --n,
---guidance, --temperature, --top_k, --top_p) or, with --config, from its `model` and `sample` blocks (an explicit
-flag still wins; --n defaults to the config's n).
+--guidance, --temperature, --top_k, --top_p) or, with --config, from its `model` and `sample` blocks (a demo's
+`par` block; an explicit flag still wins; --n defaults to the config's n). The config's model is benchmarked as it
+is, with its num_layers / num_heads / dim overrides of the named size, unless --size is given.
 
 For each n: compile time, seconds per batch (median of --runs timed calls after a warm-up call), ms per step, steps,
 images/s, and two floors:
@@ -58,7 +60,7 @@ from flax import nnx
 from par_jax.bench import release as release_lib
 from par_jax.bench.common import loadavg, machine, steal_seconds, table_bandwidth
 from par_jax.core import config_args
-from par_jax.model import ParTransformer, model_config
+from par_jax.model import SIZES, ParTransformer, model_config
 from par_jax.model.transformer import dense
 from par_jax.sampling import backend
 from par_jax.sampling.sampler import SampleSettings, Sampler, plan_chunks
@@ -173,7 +175,7 @@ def interleaved(fns: dict, runs: int) -> tuple[dict, dict]:
 
 def bench_one(args, n: int, bandwidth: float, blas: dict) -> dict:
     cfg = model_config(args.size, n=n, grid_shape=args.grid, vocab_size=args.vocab, num_classes=args.num_classes,
-                       dtype=args.dtype)
+                       dtype=args.dtype, **args.shape)
     release = None
     if args.release:  # both hold the release's random weights; the logits are compared before any timing
         release = release_lib.Release(args.release, cfg)
@@ -248,7 +250,7 @@ def bench_one(args, n: int, bandwidth: float, blas: dict) -> dict:
     flops_floor = flops / blas["flops_per_s"]
     physical = max(bw_floor, flops_floor)
     row = {
-        "size": args.size, "n": n, "grid": list(cfg.grid_shape), "batch": args.batch, "guidance": args.guidance,
+        "size": args.size, "layers": cfg.num_layers, "heads": cfg.num_heads, "dim": cfg.dim, "n": n, "grid": list(cfg.grid_shape), "batch": args.batch, "guidance": args.guidance,
         "dtype": args.dtype, "attention": used.attention, "attention_why": used.attention_why, "matmul": used.matmul,
         "sampler": sampler.describe(), "steps": steps, "compile_s": compile_s,
         "s_per_batch": per_batch,
@@ -283,7 +285,7 @@ def bench_one(args, n: int, bandwidth: float, blas: dict) -> dict:
                    release_logits_max_abs_diff=diff, release_logits_max_abs=scale,
                    release_torch=torch.__version__, release_torch_threads=torch.get_num_threads())
     ref = TORCH_RELEASE_CPU_S_QUOTED.get(n)
-    same_setting = args.size == "B" and tuple(cfg.grid_shape) == (24, 24) and args.batch == 1
+    same_setting = (cfg.num_layers, cfg.num_heads, cfg.dim) == SIZES["B"] and tuple(cfg.grid_shape) == (24, 24) and args.batch == 1
     if release is None and ref and same_setting and jax.devices()[0].platform == "cpu":
         row["torch_release_s_per_image_quoted"] = ref  # another day's figure: no ratio is formed with it
     del model, sampler, baseline, release
@@ -357,13 +359,18 @@ def settings_from_flags(f: flags.FlagValues):
              "num_classes", "cache_chunks", "attention", "matmul", "baseline_attention", "baseline_matmul",
              "floor_forms", "release", "runs", "warmup", "json")
     args = {k: f[k].value for k in names}
+    args["shape"] = {}  # a config's num_layers / num_heads / dim overrides of its named size
     config = f.config
     if config is not None:
+        if "model" not in config and "par" in config:  # a demo config: its decoder experiment is config.par
+            config = config.par
         m, s = config.model, config.sample
         from_config = dict(size=m.size, n=str(m.n), grid="x".join(map(str, m.grid_shape)), dtype=m.dtype,
                            vocab=m.vocab_size, num_classes=m.num_classes, guidance=s.guidance,
                            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         args.update({k: v for k, v in from_config.items() if not f[k].present})
+        if not f["size"].present:  # the config's model exactly, not the named size it starts from
+            args["shape"] = {k: m[k] for k in ("num_layers", "num_heads", "dim") if k in m}
     try:
         args["grid"] = parse_grid(args["grid"])
         [int(x) for x in args["n"].split(",")]
@@ -413,7 +420,7 @@ def main(argv=None):
             f"{'GB/s':>7} {'of card':>7} {'vs n=1':>6} {'step x':>6} {'release s':>9} {'speed-up':>8} "
             f"{'release s, quoted':>17}")
     blas = rows[0]["blas"]
-    print(f"\nsize {args.size}, grid {'x'.join(map(str, args.grid))}, batch {args.batch}, guidance {args.guidance}, "
+    print(f"\nsize {args.size} ({rows[0]['layers']} layers, dim {rows[0]['dim']}), grid {'x'.join(map(str, args.grid))}, batch {args.batch}, guidance {args.guidance}, "
           f"{args.dtype}, attention {rows[0]['attention']} ({rows[0]['attention_why']}), median of {args.runs} runs; "
           f"BLAS float32 peak {blas['flops_per_s'] / 1e9:.0f} GFLOP/s ({blas['library']}, {blas['size']}^2)")
     print(head)
