@@ -253,7 +253,31 @@ def seed_table(run_dirs, confidence: float = 0.95) -> tuple[str, dict]:
             + "---|" * (3 + len(metrics) + 1))
     note = (f"\n\nMean ± half-width of the {confidence:.0%} Student-t interval over seeds (none for one seed); token "
             f"grid {'x'.join(map(str, grid))}.")
-    return head + "\n" + "\n".join(rows) + note, {"grid_shape": grid, "confidence": confidence, "by_n": table}
+    text = head + "\n" + "\n".join(rows) + note
+
+    # Paired by seed: runs of one seed share the data order and the sampling keys, so the per-seed difference
+    # between two n can be resolved where the two intervals above overlap. Neighbouring n, and the extremes.
+    ns = sorted(by_n)
+    pairs = list(zip(ns[1:], ns[:-1])) + ([(ns[-1], ns[0])] if len(ns) > 2 else [])
+    paired, prow = {}, []
+    for a, b in pairs:
+        va, vb = (dict(by_n[k]) for k in (a, b))
+        common = sorted(set(va) & set(vb))
+        if len(common) < 2:
+            continue
+        score = {m: (lambda r, m=m: r["eval"][m]) for m in metrics}
+        score["loss"] = lambda r: r["par"]["loss"]
+        diffs = {m: phases_lib.mean_interval([f(va[k]) - f(vb[k]) for k in common], confidence)
+                 for m, f in score.items()}
+        paired[f"{a}-{b}"] = {"seeds": common, **diffs}
+        prow.append(f"| n = {a} minus n = {b} | {', '.join(map(str, common))} | "
+                    + " | ".join(f"{d['mean']:+.3g} ± {d['half_width']:.2g}" for d in diffs.values()) + " |")
+    if prow:
+        text += ("\n\n| paired by seed | seeds | " + " | ".join((*metrics, "final loss")) + " |\n|"
+                 + "---|" * (2 + len(metrics) + 1) + "\n" + "\n".join(prow)
+                 + "\n\nThe mean per-seed difference ± the half-width of its Student-t interval: an interval that "
+                   "excludes 0 resolves the difference.")
+    return text, {"grid_shape": grid, "confidence": confidence, "by_n": table, "paired": paired}
 
 
 def _define_flags(fv, argv) -> None:

@@ -103,6 +103,26 @@ def test_seed_table_groups_runs_by_n_with_intervals_and_refuses_mixed_protocols(
         demo.seed_table(runs + [str(tmp_path / "absent")])
 
 
+def test_seed_table_pairs_runs_by_seed(tmp_path):
+    from par_jax import demo, phases
+    # Seeds shift both n alike: the unpaired intervals overlap, the per-seed differences (all +10 +- 1) do not.
+    fd = {1: (50.0, 70.0, 60.0), 4: (61.0, 79.0, 70.0), 16: (62.0, 80.0)}
+    runs = [_fake_run(tmp_path, n, s, v, 2.0 + n / 10) for n, values in fd.items() for s, v in enumerate(values)]
+    text, numbers = demo.seed_table(runs)
+    paired = numbers["paired"]
+    assert set(paired) == {"4-1", "16-4", "16-1"}
+    assert paired["4-1"]["seeds"] == [0, 1, 2] and paired["16-4"]["seeds"] == [0, 1]  # the seeds both n have
+    assert paired["4-1"]["fd_video_classifier"] == phases.mean_interval([11.0, 9.0, 10.0])
+    assert paired["16-1"]["fd_video_classifier"] == phases.mean_interval([12.0, 10.0])
+    assert paired["4-1"]["loss"]["mean"] == pytest.approx(0.3)
+    low, high = (numbers["by_n"][k]["fd_video_classifier"][e] for k, e in ((4, "low"), (1, "high")))
+    assert low < high and paired["4-1"]["fd_video_classifier"]["low"] > 0  # unpaired overlap, paired resolved
+    assert "| n = 4 minus n = 1 | 0, 1, 2 | +10 ± 2.5 |" in text
+    # One seed in common is no interval: the pair is left out, not shown without one.
+    single = [_fake_run(tmp_path / "single", n, 0, 60.0 + n, 2.0) for n in (1, 4)]
+    assert demo.seed_table(single)[1]["paired"] == {} and "paired by seed" not in demo.seed_table(single)[0]
+
+
 def test_seed_table_compares_shared_paths_resolved(tmp_path):
     from par_jax import demo
     codes = tmp_path / "codes"
