@@ -6,7 +6,7 @@ codes) -> extract codes of the first config.demo.max_images training clips -> tr
 per class -> train the offline video classifier -> evaluate (Frechet distance in the classifier's feature space,
 precision / recall, class consistency; not FVD, see docs/evaluation.md) -> report.
 
-    python -m par_jax.main --config=configs/demo_video.py --workdir=workdirs/demo_video
+    python -m par_jax.main --config=configs/demo_video.py --workdir=workdirs/demo_video    # 18 min on 2 idle cores
 Quick variant (tiny sizes, few steps; what CI runs):
     python -m par_jax.main --config=configs/demo_video.py:quick --workdir=/tmp/demo_video_quick
 Arguments: quick; n=4 (tokens per parallel step: 1, 4 or 16); seed=0 (the decoder's initialisation, data order and
