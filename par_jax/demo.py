@@ -260,15 +260,15 @@ def seed_table(run_dirs, confidence: float = 0.95) -> tuple[str, dict]:
     ns = sorted(by_n)
     pairs = list(zip(ns[1:], ns[:-1])) + ([(ns[-1], ns[0])] if len(ns) > 2 else [])
     paired, prow = {}, []
+    score = {m: (lambda r, m=m: r["eval"][m]) for m in metrics}
+    score["loss"] = lambda r: r["par"]["loss"]
     for a, b in pairs:
         va, vb = (dict(by_n[k]) for k in (a, b))
-        common = sorted(set(va) & set(vb))
-        if len(common) < 2:
+        diffs = {m: phases_lib.paired_difference({k: f(r) for k, r in va.items()}, {k: f(r) for k, r in vb.items()},
+                                                 confidence) for m, f in score.items()}
+        if diffs["loss"] is None:  # fewer than 2 seeds in common
             continue
-        score = {m: (lambda r, m=m: r["eval"][m]) for m in metrics}
-        score["loss"] = lambda r: r["par"]["loss"]
-        diffs = {m: phases_lib.mean_interval([f(va[k]) - f(vb[k]) for k in common], confidence)
-                 for m, f in score.items()}
+        common = diffs["loss"]["paired_seeds"]
         paired[f"{a}-{b}"] = {"seeds": common, **diffs}
         prow.append(f"| n = {a} minus n = {b} | {', '.join(map(str, common))} | "
                     + " | ".join(f"{d['mean']:+.3g} ± {d['half_width']:.2g}" for d in diffs.values()) + " |")

@@ -131,6 +131,16 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
             "values": x.tolist()}
 
 
+def paired_difference(a: dict[int, float], b: dict[int, float], confidence: float = 0.95) -> dict | None:
+    """The per-seed difference a - b over the seeds both have ({seed: value} each), as `mean_interval` plus those
+    seeds; None with fewer than 2 (no interval). Runs of one seed share what the seed sets (initialisation, data order,
+    sampling keys), so a difference can be resolved this way where the two unpaired intervals overlap."""
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return None
+    return {**mean_interval([a[k] - b[k] for k in common], confidence), "paired_seeds": common}
+
+
 # ----- the phases the Fashion-MNIST commands share -----
 
 def train_tokenizer(tokenizer_config, directory) -> dict:

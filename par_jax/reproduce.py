@@ -165,6 +165,34 @@ def entropy_increase(cell_results: dict[str, list[dict]], parallel: str, sequent
             "max": float(diff.max()), "map": diff.reshape(shape).tolist()}
 
 
+def contrasts(config, cell_results: dict[str, list[dict]], seeds: list[int]) -> list[dict]:
+    """The paper's comparisons (config.contrasts) whose two cells are in the run: per metric, the difference a - b
+    paired by seed with its t-interval (None with fewer than 2 seeds)."""
+    out = []
+    for a, b, what, paper in config.contrasts:
+        if a not in cell_results or b not in cell_results:
+            continue
+        by_seed = lambda name, m: {s: r["metrics"][m] for s, r in zip(seeds, cell_results[name]) if m in r["metrics"]}
+        out.append({"a": a, "b": b, "what": what, "paper_fid_difference": paper,
+                    **{m: phases_lib.paired_difference(by_seed(a, m), by_seed(b, m),
+                                                       float(config.reproduce.confidence)) for m in METRICS}})
+    return out
+
+
+def contrast_table(rows: list[dict]) -> str:
+    def fmt(d, digits):
+        return "-" if d is None else f"{d['mean']:+.{digits}f} ± {d['half_width']:.{digits}f}"
+    lines = ["| a minus b | Table 4 | paper FID difference | FID | precision | recall | class consistency | "
+             "held-out NLL (nats/token) |", "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['a']} minus {r['b']} | {r['what']} | {r['paper_fid_difference']:+.2f} | "
+                     f"{fmt(r['fid'], 2)} | {fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | "
+                     f"{fmt(r['class_consistency'], 3)} | {fmt(r['nll'], 4)} |")
+    lines += ["", "Per-seed differences (seeds share the initialisation key, data order and sampling keys), mean ± "
+                  "half-width of their t-interval: an interval that excludes 0 resolves the difference."]
+    return "\n".join(lines)
+
+
 def _fmt(s: dict | None, digits: int = 3) -> str:
     if not s:
         return "-"
@@ -218,6 +246,9 @@ def report(config, root: epath.Path, cells: list[str], seeds: list[int]) -> dict
     markers = {name: [root / "cells" / name / f"seed{s}" / phases_lib.MARKER for s in seeds] for name in cells}
     seconds = {name: [json.loads(m.read_text())["seconds"] for m in found if m.exists()]
                for name, found in markers.items()}
+    paired = contrasts(config, cell_results, seeds)
+    if paired and len(seeds) > 1:  # one seed gives no paired interval
+        text += "\n\n" + contrast_table(paired)
     text += "\n\nWall time per seed (training, sampling and scoring), minutes: " + ", ".join(
         f"{name} {np.mean(v) / 60:.1f}" for name, v in seconds.items() if v) + "."
     (out_dir / "table.md").write_text(text + "\n")
@@ -228,7 +259,7 @@ def report(config, root: epath.Path, cells: list[str], seeds: list[int]) -> dict
             grids[name] = f"report/samples_{name}_seed{seeds[0]}.png"
             (root / grids[name]).write_bytes(grid.read_bytes())
     (out_dir / RESULTS_FILE).write_text(json.dumps(
-        {"summary": summary, "entropy_increase": increases, "cells": cells, "seeds": seeds,
+        {"summary": summary, "contrasts": paired, "entropy_increase": increases, "cells": cells, "seeds": seeds,
          "confidence": float(config.reproduce.confidence), "seconds_per_seed": seconds, "sample_grids": grids,
          "cell_results": {n: [phases_lib.relative(os.fspath(root / "cells" / n / f"seed{s}" / RESULTS_FILE), root)
                               for s in seeds] for n in cells}}, indent=1, default=phases_lib.jsonable))

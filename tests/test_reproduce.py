@@ -198,10 +198,23 @@ def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, 
         np.testing.assert_allclose(increase[parallel]["map"], want, atol=1e-9)
         assert increase[parallel]["mean"] == pytest.approx(want.mean())
     assert (tmp_path / "report" / "entropy_increase.png").exists()
+    # The paper's comparisons whose two cells ran, in config order, paired by seed (no_prefix etc. did not run).
+    paired = {(c["a"], c["b"]): c for c in out["contrasts"]}
+    assert list(paired) == [("raster_multi", "distant_multi"), ("distant_multi", "raster_one"),
+                            ("distant_one", "raster_one")]
+    main = paired["raster_multi", "distant_multi"]
+    for m in reproduce.METRICS:
+        diffs = [a[m] - b[m] for a, b in zip(written["raster_multi"], written["distant_multi"])]
+        assert main[m]["values"] == pytest.approx(diffs) and main[m]["paired_seeds"] == seeds
+        assert main[m]["half_width"] == pytest.approx(reproduce.mean_interval(diffs)["half_width"])
+    assert main["paper_fid_difference"] == pytest.approx(3.03)
     table = (tmp_path / "report" / "table.md").read_text()
     assert all(f"| {name} |" in table for name in cells) and "95% t-interval" in table
     rows = [table.index(f"| {name} |") for name in cells]
     assert rows == sorted(rows)  # one row per cell, in the order asked for
+    d = main["fid"]
+    assert f"| raster_multi minus distant_multi | (d) adjacent vs distant tokens in parallel | +3.03 | " \
+           f"{d['mean']:+.2f} ± {d['half_width']:.2f} |" in table
     assert all(f"{name} 2.0" in table for name in cells)  # wall time per seed, from the phases' records
     for name in ("raster_multi", "distant_multi"):  # the sample grids side by side (the paper's Figure 5)
         assert (tmp_path / out["sample_grids"][name]).read_bytes() == f"{name} 0".encode()
