@@ -168,11 +168,13 @@ def entropy_increase(cell_results: dict[str, list[dict]], parallel: str, sequent
 def contrasts(config, cell_results: dict[str, list[dict]], seeds: list[int]) -> list[dict]:
     """The paper's comparisons (config.contrasts) whose two cells are in the run: per metric, the difference a - b
     paired by seed with its t-interval (None with fewer than 2 seeds)."""
+    def by_seed(name, m):
+        return {s: r["metrics"][m] for s, r in zip(seeds, cell_results[name]) if m in r["metrics"]}
+
     out = []
     for a, b, what, paper in config.contrasts:
         if a not in cell_results or b not in cell_results:
             continue
-        by_seed = lambda name, m: {s: r["metrics"][m] for s, r in zip(seeds, cell_results[name]) if m in r["metrics"]}
         out.append({"a": a, "b": b, "what": what, "paper_fid_difference": paper,
                     **{m: phases_lib.paired_difference(by_seed(a, m), by_seed(b, m),
                                                        float(config.reproduce.confidence)) for m in METRICS}})

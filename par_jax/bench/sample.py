@@ -250,7 +250,8 @@ def bench_one(args, n: int, bandwidth: float, blas: dict) -> dict:
     flops_floor = flops / blas["flops_per_s"]
     physical = max(bw_floor, flops_floor)
     row = {
-        "size": args.size, "layers": cfg.num_layers, "heads": cfg.num_heads, "dim": cfg.dim, "n": n, "grid": list(cfg.grid_shape), "batch": args.batch, "guidance": args.guidance,
+        "size": args.size, "layers": cfg.num_layers, "heads": cfg.num_heads, "dim": cfg.dim, "n": n,
+        "grid": list(cfg.grid_shape), "batch": args.batch, "guidance": args.guidance,
         "dtype": args.dtype, "attention": used.attention, "attention_why": used.attention_why, "matmul": used.matmul,
         "sampler": sampler.describe(), "steps": steps, "compile_s": compile_s,
         "s_per_batch": per_batch,
@@ -285,7 +286,8 @@ def bench_one(args, n: int, bandwidth: float, blas: dict) -> dict:
                    release_logits_max_abs_diff=diff, release_logits_max_abs=scale,
                    release_torch=torch.__version__, release_torch_threads=torch.get_num_threads())
     ref = TORCH_RELEASE_CPU_S_QUOTED.get(n)
-    same_setting = (cfg.num_layers, cfg.num_heads, cfg.dim) == SIZES["B"] and tuple(cfg.grid_shape) == (24, 24) and args.batch == 1
+    same_setting = ((cfg.num_layers, cfg.num_heads, cfg.dim) == SIZES["B"] and tuple(cfg.grid_shape) == (24, 24)
+                    and args.batch == 1)
     if release is None and ref and same_setting and jax.devices()[0].platform == "cpu":
         row["torch_release_s_per_image_quoted"] = ref  # another day's figure: no ratio is formed with it
     del model, sampler, baseline, release
@@ -420,7 +422,8 @@ def main(argv=None):
             f"{'GB/s':>7} {'of card':>7} {'vs n=1':>6} {'step x':>6} {'release s':>9} {'speed-up':>8} "
             f"{'release s, quoted':>17}")
     blas = rows[0]["blas"]
-    print(f"\nsize {args.size} ({rows[0]['layers']} layers, dim {rows[0]['dim']}), grid {'x'.join(map(str, args.grid))}, batch {args.batch}, guidance {args.guidance}, "
+    print(f"\nsize {args.size} ({rows[0]['layers']} layers, dim {rows[0]['dim']}), "
+          f"grid {'x'.join(map(str, args.grid))}, batch {args.batch}, guidance {args.guidance}, "
           f"{args.dtype}, attention {rows[0]['attention']} ({rows[0]['attention_why']}), median of {args.runs} runs; "
           f"BLAS float32 peak {blas['flops_per_s'] / 1e9:.0f} GFLOP/s ({blas['library']}, {blas['size']}^2)")
     print(head)
