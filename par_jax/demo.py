@@ -264,11 +264,11 @@ def seed_table(run_dirs, confidence: float = 0.95) -> tuple[str, dict]:
     score["loss"] = lambda r: r["par"]["loss"]
     for a, b in pairs:
         va, vb = (dict(by_n[k]) for k in (a, b))
-        diffs = {m: phases_lib.paired_difference({k: f(r) for k, r in va.items()}, {k: f(r) for k, r in vb.items()},
-                                                 confidence) for m, f in score.items()}
-        if diffs["loss"] is None:  # fewer than 2 seeds in common
+        common = sorted(set(va) & set(vb))
+        if len(common) < 2:  # no interval to give
             continue
-        common = diffs["loss"]["paired_seeds"]
+        diffs = {m: phases_lib.paired_difference({k: f(va[k]) for k in common}, {k: f(vb[k]) for k in common},
+                                                 confidence) for m, f in score.items()}
         paired[f"{a}-{b}"] = {"seeds": common, **diffs}
         prow.append(f"| n = {a} minus n = {b} | {', '.join(map(str, common))} | "
                     + " | ".join(f"{d['mean']:+.3g} ± {d['half_width']:.2g}" for d in diffs.values()) + " |")
