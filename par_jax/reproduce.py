@@ -253,6 +253,14 @@ def report(config, root: epath.Path, cells: list[str], seeds: list[int]) -> dict
         text += "\n\n" + contrast_table(paired)
     text += "\n\nWall time per seed (training, sampling and scoring), minutes: " + ", ".join(
         f"{name} {np.mean(v) / 60:.1f}" for name, v in seconds.items() if v) + "."
+    # The grid's measured total: every phase's own record, so runs spread over several sessions still add up.
+    shared = {name: json.loads((root / name / phases_lib.MARKER).read_text())["seconds"] for name in SHARED
+              if (root / name / phases_lib.MARKER).exists()}
+    total = sum(shared.values()) + sum(sum(v) for v in seconds.values())
+    text += (f"\n\nMeasured total: {total / 3600:.2f} h ({total / 60:.0f} min): shared phases "
+             + ", ".join(f"{name} {v:.0f} s" for name, v in shared.items())
+             + f"; {sum(len(v) for v in seconds.values())} cell runs {sum(sum(v) for v in seconds.values()) / 60:.0f}"
+               " min (the sum of the phases' own times, without the report).")
     (out_dir / "table.md").write_text(text + "\n")
     grids = {}
     for name in ("raster_multi", "distant_multi"):  # the paper's Figure 5: adjacent vs distant tokens in parallel
@@ -262,7 +270,7 @@ def report(config, root: epath.Path, cells: list[str], seeds: list[int]) -> dict
             (root / grids[name]).write_bytes(grid.read_bytes())
     (out_dir / RESULTS_FILE).write_text(json.dumps(
         {"summary": summary, "contrasts": paired, "entropy_increase": increases, "cells": cells, "seeds": seeds,
-         "confidence": float(config.reproduce.confidence), "seconds_per_seed": seconds, "sample_grids": grids,
+         "confidence": float(config.reproduce.confidence), "seconds_per_seed": seconds, "shared_seconds": shared, "total_seconds": total, "sample_grids": grids,
          "cell_results": {n: [phases_lib.relative(os.fspath(root / "cells" / n / f"seed{s}" / RESULTS_FILE), root)
                               for s in seeds] for n in cells}}, indent=1, default=phases_lib.jsonable))
     if increases:

@@ -185,6 +185,9 @@ def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, 
                  "samples_grid": f"cells/{name}/seed{seed}/grid.png"}))
             (folder / "grid.png").write_bytes(f"{name} {seed}".encode())
             (folder / "phase.json").write_text(json.dumps({"seconds": 60.0 * (seed + 1)}))  # mean: 2 minutes
+    for k, name in enumerate(reproduce.SHARED):  # the shared phases' records: 10, 20, 30, 40 s
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "phase.json").write_text(json.dumps({"seconds": 10.0 * (k + 1)}))
     reproduce.report(config, tmp_path, cells, seeds)
     out = json.loads((tmp_path / "report" / "results.json").read_text())
     for name in cells:
@@ -216,6 +219,8 @@ def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, 
     assert f"| raster_multi minus distant_multi | (d) adjacent vs distant tokens in parallel | +3.03 | " \
            f"{d['mean']:+.2f} ± {d['half_width']:.2f} |" in table
     assert all(f"{name} 2.0" in table for name in cells)  # wall time per seed, from the phases' records
+    assert out["total_seconds"] == pytest.approx(100 + 4 * 360)  # shared phases + 4 cells x (60 + 120 + 180) s
+    assert "Measured total: 0.43 h (26 min)" in table
     for name in ("raster_multi", "distant_multi"):  # the sample grids side by side (the paper's Figure 5)
         assert (tmp_path / out["sample_grids"][name]).read_bytes() == f"{name} 0".encode()
 
