@@ -86,6 +86,7 @@ def get_config(arg: str = ""):
         heldout_batch_size=250,
         classifier_steps=800,    # the evaluation classifier (the demo's)
         confidence=0.95,         # t-interval over seeds
+        rescore_samples=3000,    # then the evaluate job again with this many samples per cell and seed (0: off)
         force=False,             # redo the shared phases that finished before (cells: delete their folder)
     ))
     config.tokenizer = demo.tokenizer
@@ -103,7 +104,7 @@ def get_config(arg: str = ""):
 
     if a.quick:
         config.reproduce.update(cells="raster_multi,distant_multi", seeds="0", max_images=256, heldout_images=64,
-                                heldout_batch_size=64, classifier_steps=20)
+                                heldout_batch_size=64, classifier_steps=20, rescore_samples=40)
         config.tokenizer.train.update(num_steps=5, eval_every=5, checkpoint_every=5, log_every=5)
         config.tokenizer.eval.update(num_images=32, batch_size=32, final_num_images=32)
         config.tokenizer.optimizer.warmup_steps = 1

@@ -3,13 +3,15 @@
 Phases, each resumable and reused when the command runs again (`par_jax.phases`): the tokenizer, the training
 codes, the held-out codes (the test split) and the evaluation classifier, shared by every cell; then one phase per
 cell and seed (train the decoder, sample and score it with the evaluate job, score the held-out codes under teacher
-forcing); then the report: mean and 95% t-interval over seeds of every number, per cell.
+forcing), and when `reproduce.rescore_samples` is set, the evaluate job once more on the same checkpoint with that many
+samples; then the report: mean and 95% t-interval over seeds of every number, per cell.
 
 Layout under the workdir:
     tokenizer/ codes/ heldout_codes/ classifier/      shared phases
     cells/<cell>/seed<k>/train/                       the decoder's run (checkpoints, TensorBoard)
     cells/<cell>/seed<k>/eval/eval/                   the evaluate job's samples, grid and results.json
     cells/<cell>/seed<k>/results.json                 this cell's numbers and its full protocol
+    cells/<cell>/seed<k>/eval/samples<N>/             the evaluate job again with reproduce.rescore_samples samples
     report/results.json, report/table.md              the grid over seeds
 """
 
@@ -29,6 +31,7 @@ from par_jax.core.config_args import UsageError
 
 SHARED = ("tokenizer", "codes", "heldout_codes", "classifier")
 METRICS = ("fid", "precision", "recall", "class_consistency", "nll", "entropy")
+SAMPLE_METRICS = ("fid", "precision", "recall", "class_consistency")  # the ones a rescore measures again
 RESULTS_FILE = "results.json"
 
 
@@ -142,14 +145,45 @@ def run_cell(config, name: str, seed: int, root: epath.Path) -> dict:
             "results": phases_lib.relative(os.fspath(cell_dir / RESULTS_FILE), root)}
 
 
+def rescore_name(config) -> str:
+    return f"samples{int(config.reproduce.rescore_samples)}"
+
+
+def rescore_phase(name: str, seed: int, config) -> str:
+    """The rescore's phase folder: where the evaluate job writes (WORKDIR/<cell dir>/eval/<eval.name>)."""
+    return f"cells/{name}/seed{seed}/eval/{rescore_name(config)}"
+
+
+def rescore_cell(config, name: str, seed: int, root: epath.Path) -> dict:
+    """The evaluate job once more on the cell's final checkpoint, with reproduce.rescore_samples samples: FID and
+    precision/recall from the cell's own 300 samples are noisy and biased upwards (FID), and sampling is cheap next to
+    training (seconds per thousand images here), so the contrasts get the same scores with less sampling noise."""
+    from par_jax.evaluation import job as eval_job  # noqa: PLC0415
+
+    par = rescore_config(config, name, seed, root)
+    record = eval_job.run(par, os.fspath(root / "cells" / name / f"seed{seed}"))
+    return {"metrics": {k: float(v) for k, v in record["metrics"].items()},
+            "num_samples": int(record["settings"]["num_samples"]),
+            "checkpoint_step": record["settings"]["checkpoint_step"],
+            "results": phases_lib.relative(os.fspath(root / rescore_phase(name, seed, config) / RESULTS_FILE), root)}
+
+
+def rescore_config(config, name: str, seed: int, root: epath.Path):
+    par = cell_config(config, name, seed, root)
+    with par.unlocked():
+        par.eval.update(num_samples=int(config.reproduce.rescore_samples), name=rescore_name(config))
+    return par
+
+
 # ----- the report -----
 
-def summarise(cell_results: dict[str, list[dict]], confidence: float = 0.95) -> dict:
+def summarise(cell_results: dict[str, list[dict]], confidence: float = 0.95,
+              metrics: Sequence[str] = METRICS) -> dict:
     """{cell: {metric: mean_interval over seeds}} from each cell's per-seed results."""
     out = {}
     for name, seeds in cell_results.items():
         out[name] = {m: mean_interval([r["metrics"][m] for r in seeds], confidence)
-                     for m in METRICS if all(m in r["metrics"] for r in seeds)}
+                     for m in metrics if all(m in r["metrics"] for r in seeds)}
     return out
 
 
@@ -165,7 +199,8 @@ def entropy_increase(cell_results: dict[str, list[dict]], parallel: str, sequent
             "max": float(diff.max()), "map": diff.reshape(shape).tolist()}
 
 
-def contrasts(config, cell_results: dict[str, list[dict]], seeds: list[int]) -> list[dict]:
+def contrasts(config, cell_results: dict[str, list[dict]], seeds: list[int],
+              metrics: Sequence[str] = METRICS) -> list[dict]:
     """The paper's comparisons (config.contrasts) whose two cells are in the run: per metric, the difference a - b
     paired by seed with its t-interval (None with fewer than 2 seeds)."""
     def by_seed(name, m):
@@ -177,19 +212,22 @@ def contrasts(config, cell_results: dict[str, list[dict]], seeds: list[int]) -> 
             continue
         out.append({"a": a, "b": b, "what": what, "paper_fid_difference": paper,
                     **{m: phases_lib.paired_difference(by_seed(a, m), by_seed(b, m),
-                                                       float(config.reproduce.confidence)) for m in METRICS}})
+                                                       float(config.reproduce.confidence)) for m in metrics}})
     return out
 
 
-def contrast_table(rows: list[dict]) -> str:
+def contrast_table(rows: list[dict], rescored: str | None = None) -> str:
+    """`rescored`: the suffix of the rescore's metrics (e.g. "_3000"), whose FID gets a column too."""
     def fmt(d, digits):
         return "-" if d is None else f"{d['mean']:+.{digits}f} ± {d['half_width']:.{digits}f}"
+    extra = f" FID ({rescored.strip('_')} samples) |" if rescored else ""
     lines = ["| a minus b | Table 4 | paper FID difference | FID | precision | recall | class consistency | "
-             "held-out NLL (nats/token) |", "|" + "---|" * 8]
+             "held-out NLL (nats/token) |" + extra, "|" + "---|" * (9 if rescored else 8)]
     for r in rows:
         lines.append(f"| {r['a']} minus {r['b']} | {r['what']} | {r['paper_fid_difference']:+.2f} | "
                      f"{fmt(r['fid'], 2)} | {fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | "
-                     f"{fmt(r['class_consistency'], 3)} | {fmt(r['nll'], 4)} |")
+                     f"{fmt(r['class_consistency'], 3)} | {fmt(r['nll'], 4)} |"
+                     + (f" {fmt(r.get('fid' + rescored), 2)} |" if rescored else ""))
     lines += ["", "Per-seed differences (seeds share the initialisation key, data order and sampling keys), mean ± "
                   "half-width of their t-interval: an interval that excludes 0 resolves the difference."]
     return "\n".join(lines)
@@ -220,6 +258,17 @@ def table(config, summary: dict, decode_steps: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def rescore_table(summary: dict, suffix: str) -> str:
+    n = suffix.strip("_")
+    lines = [f"The sample scores again, from {n} samples per cell and seed (the same checkpoints):", "",
+             "| cell | FID | precision | recall | class consistency |", "|" + "---|" * 5]
+    for name, s in summary.items():
+        if "fid" + suffix in s:
+            lines.append(f"| {name} | {_fmt(s['fid' + suffix], 2)} | {_fmt(s['precision' + suffix])} | "
+                         f"{_fmt(s['recall' + suffix])} | {_fmt(s['class_consistency' + suffix])} |")
+    return "\n".join(lines)
+
+
 def _save_increase_png(increases: list[dict], path) -> None:
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
@@ -239,19 +288,36 @@ def _save_increase_png(increases: list[dict], path) -> None:
 def report(config, root: epath.Path, cells: list[str], seeds: list[int]) -> dict:
     cell_results = {name: [json.loads((root / "cells" / name / f"seed{s}" / RESULTS_FILE).read_text())
                            for s in seeds] for name in cells}
-    summary = summarise(cell_results, float(config.reproduce.confidence))
+    metrics, suffix = METRICS, None
+    if int(config.reproduce.rescore_samples) > 0:  # the rescore's numbers as metrics of their own: fid_3000, ...
+        suffix = f"_{int(config.reproduce.rescore_samples)}"
+        metrics = METRICS + tuple(m + suffix for m in SAMPLE_METRICS)
+        for name in cells:
+            for s, r in zip(seeds, cell_results[name]):
+                marker = root / rescore_phase(name, s, config) / phases_lib.MARKER
+                if marker.exists():
+                    rescored = json.loads(marker.read_text())["metrics"]
+                    r["metrics"].update({m + suffix: rescored[m] for m in SAMPLE_METRICS if m in rescored})
+    summary = summarise(cell_results, float(config.reproduce.confidence), metrics)
     increases = [d for d in (entropy_increase(cell_results, p, q) for p, q in
                              (("distant_multi", "distant_one"), ("raster_multi", "raster_one"))) if d]
     out_dir = root / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     text = table(config, summary, {name: results[0]["num_steps"] for name, results in cell_results.items()})
-    markers = {name: [root / "cells" / name / f"seed{s}" / phases_lib.MARKER for s in seeds] for name in cells}
-    seconds = {name: [json.loads(m.read_text())["seconds"] for m in found if m.exists()]
-               for name, found in markers.items()}
-    paired = contrasts(config, cell_results, seeds)
+
+    def phase_seconds(name, s):  # a cell and seed's wall time, its rescore included; None if it did not run
+        folders = [f"cells/{name}/seed{s}"] + ([rescore_phase(name, s, config)] if suffix else [])
+        found = [root / f / phases_lib.MARKER for f in folders]
+        found = [json.loads(m.read_text())["seconds"] for m in found if m.exists()]
+        return sum(found) if found else None
+
+    seconds = {name: [t for t in (phase_seconds(name, s) for s in seeds) if t is not None] for name in cells}
+    if suffix and any("fid" + suffix in s for s in summary.values()):
+        text += "\n\n" + rescore_table(summary, suffix)
+    paired = contrasts(config, cell_results, seeds, metrics)
     if paired and len(seeds) > 1:  # one seed gives no paired interval
-        text += "\n\n" + contrast_table(paired)
-    text += "\n\nWall time per seed (training, sampling and scoring), minutes: " + ", ".join(
+        text += "\n\n" + contrast_table(paired, suffix)
+    text += f"\n\nWall time per seed (training, sampling and scoring{', and the rescore' if suffix else ''}), minutes: " + ", ".join(
         f"{name} {np.mean(v) / 60:.1f}" for name, v in seconds.items() if v) + "."
     # The grid's measured total: every phase's own record, so runs spread over several sessions still add up.
     shared = {name: json.loads((root / name / phases_lib.MARKER).read_text())["seconds"] for name in SHARED
@@ -270,7 +336,8 @@ def report(config, root: epath.Path, cells: list[str], seeds: list[int]) -> dict
             (root / grids[name]).write_bytes(grid.read_bytes())
     (out_dir / RESULTS_FILE).write_text(json.dumps(
         {"summary": summary, "contrasts": paired, "entropy_increase": increases, "cells": cells, "seeds": seeds,
-         "confidence": float(config.reproduce.confidence), "seconds_per_seed": seconds, "shared_seconds": shared, "total_seconds": total, "sample_grids": grids,
+         "confidence": float(config.reproduce.confidence), "seconds_per_seed": seconds, "shared_seconds": shared,
+         "total_seconds": total, "rescore_samples": int(config.reproduce.rescore_samples), "sample_grids": grids,
          "cell_results": {n: [phases_lib.relative(os.fspath(root / "cells" / n / f"seed{s}" / RESULTS_FILE), root)
                               for s in seeds] for n in cells}}, indent=1, default=phases_lib.jsonable))
     if increases:
@@ -291,7 +358,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     seeds = seeds_of(config)
     root = epath.Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
-    total = len(SHARED) + len(cells) * len(seeds) + 1
+    rescore = int(config.reproduce.rescore_samples) > 0
+    total = len(SHARED) + len(cells) * len(seeds) * (2 if rescore else 1) + 1
     phases = phases_lib.Phases(root, "reproduce", total, bool(config.reproduce.force))
     start = time.perf_counter()
     dirs = {name: root / name for name in SHARED}
@@ -328,8 +396,16 @@ def run(config, workdir: str) -> dict[str, Any]:
             lambda: run_cell(config, name, seed, root),
             finished=lambda r: "results" in r,
             protocol=cell_protocol(config, par, name, seed, root))
-        if time.perf_counter() - cell_start > 1:  # measured here, not reused
-            done_times.append(result["seconds"])
+        trained = time.perf_counter() - cell_start > 1  # not reused: its time is the ETA's unit
+        if rescore:
+            i += 1
+            n = int(config.reproduce.rescore_samples)
+            phases.run(i, rescore_phase(name, seed, config),
+                       f"cell {k + 1}/{len(todo)}: the evaluate job again with {n} samples",
+                       lambda: rescore_cell(config, name, seed, root),
+                       protocol=_relative_tree(rescore_config(config, name, seed, root).eval.to_dict(), root))
+        if trained:
+            done_times.append(time.perf_counter() - cell_start)
     result = phases.run(total, "report", "the grid over seeds", lambda: report(config, root, cells, seeds),
                         force=True)
     wall = time.perf_counter() - start

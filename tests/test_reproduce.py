@@ -185,13 +185,19 @@ def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, 
                  "samples_grid": f"cells/{name}/seed{seed}/grid.png"}))
             (folder / "grid.png").write_bytes(f"{name} {seed}".encode())
             (folder / "phase.json").write_text(json.dumps({"seconds": 60.0 * (seed + 1)}))  # mean: 2 minutes
+            rescored = folder / "eval" / "samples3000"  # the evaluate job again with more samples: 6 s more
+            rescored.mkdir(parents=True)
+            metrics_3000 = {m: metrics[m] + 0.5 * seed for m in reproduce.SAMPLE_METRICS}
+            (rescored / "phase.json").write_text(json.dumps({"seconds": 6.0, "metrics": metrics_3000}))
+            written[name][-1].update({f"{m}_3000": v for m, v in metrics_3000.items()})
     for k, name in enumerate(reproduce.SHARED):  # the shared phases' records: 10, 20, 30, 40 s
         (tmp_path / name).mkdir()
         (tmp_path / name / "phase.json").write_text(json.dumps({"seconds": 10.0 * (k + 1)}))
     reproduce.report(config, tmp_path, cells, seeds)
     out = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert config.reproduce.rescore_samples == 3000
     for name in cells:
-        for m in reproduce.METRICS:
+        for m in reproduce.METRICS + tuple(f"{m}_3000" for m in reproduce.SAMPLE_METRICS):
             values = [w[m] for w in written[name]]
             assert out["summary"][name][m]["mean"] == pytest.approx(np.mean(values))
             assert out["summary"][name][m]["values"] == pytest.approx(values)
@@ -206,7 +212,7 @@ def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, 
     assert list(paired) == [("raster_multi", "distant_multi"), ("distant_multi", "raster_one"),
                             ("distant_one", "raster_one")]
     main = paired["raster_multi", "distant_multi"]
-    for m in reproduce.METRICS:
+    for m in reproduce.METRICS + ("fid_3000",):
         diffs = [a[m] - b[m] for a, b in zip(written["raster_multi"], written["distant_multi"])]
         assert main[m]["values"] == pytest.approx(diffs) and main[m]["paired_seeds"] == seeds
         assert main[m]["half_width"] == pytest.approx(reproduce.mean_interval(diffs)["half_width"])
@@ -218,9 +224,14 @@ def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, 
     d = main["fid"]
     assert f"| raster_multi minus distant_multi | (d) adjacent vs distant tokens in parallel | +3.03 | " \
            f"{d['mean']:+.2f} ± {d['half_width']:.2f} |" in table
-    assert all(f"{name} 2.0" in table for name in cells)  # wall time per seed, from the phases' records
-    assert out["total_seconds"] == pytest.approx(100 + 4 * 360)  # shared phases + 4 cells x (60 + 120 + 180) s
-    assert "Measured total: 0.43 h (26 min)" in table
+    assert all(f"{name} 2.1" in table for name in cells)  # wall time per seed, from the phases' records
+    assert out["total_seconds"] == pytest.approx(100 + 4 * (360 + 18))  # shared + 4 cells x (60 + 120 + 180 + 3 x 6)
+    assert "Measured total: 0.45 h (27 min)" in table
+    s3000 = out["summary"]["raster_multi"]["fid_3000"]
+    assert f"| raster_multi | {s3000['mean']:.2f} ± {s3000['half_width']:.2f} |" in table  # the rescore's own table
+    d = main["fid_3000"]
+    assert f"{main['nll']['mean']:+.4f} ± {main['nll']['half_width']:.4f} | " \
+           f"{d['mean']:+.2f} ± {d['half_width']:.2f} |" in table  # and its FID column among the contrasts
     for name in ("raster_multi", "distant_multi"):  # the sample grids side by side (the paper's Figure 5)
         assert (tmp_path / out["sample_grids"][name]).read_bytes() == f"{name} 0".encode()
 
@@ -247,7 +258,7 @@ def test_quick_grid_runs_end_to_end_reuses_phases_and_refuses_another_protocol(t
     workdir = tmp_path / "grid"
     proc = _run(workdir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "[reproduce 1/7] tokenizer" in proc.stdout and "[reproduce 7/7] report" in proc.stdout
+    assert "[reproduce 1/9] tokenizer" in proc.stdout and "[reproduce 9/9] report" in proc.stdout
     report = json.loads((workdir / "report" / "results.json").read_text())
     assert report["cells"] == ["raster_multi", "distant_multi"] and report["seeds"] == [0]
     for name in report["cells"]:
@@ -262,6 +273,10 @@ def test_quick_grid_runs_end_to_end_reuses_phases_and_refuses_another_protocol(t
         assert r["checkpoint_step"] == 6 and r["checkpoint"].startswith(f"cells/{name}/seed0/train")
         assert r["eval_settings"]["num_samples"] == 20 and "--config.reproduce.cells=" + name in r["rerun"]
         assert str(tmp_path) not in json.dumps(r)  # no absolute path of this machine
+        # The rescore: the evaluate job again on the same checkpoint with reproduce.rescore_samples samples.
+        rescored = json.loads((workdir / "cells" / name / "seed0" / "eval" / "samples40" / "results.json").read_text())
+        assert rescored["settings"]["num_samples"] == 40 and rescored["settings"]["checkpoint_step"] == 6
+        assert report["summary"][name]["fid_40"]["mean"] == pytest.approx(rescored["metrics"]["fid"])
     assert "| raster_multi |" in (workdir / "report" / "table.md").read_text()
     for name in report["cells"]:
         assert (workdir / report["sample_grids"][name]).stat().st_size > 0
