@@ -201,12 +201,19 @@ def test_report_aggregates_seeds_and_maps_the_decoders_entropy_increase(config, 
             values = [w[m] for w in written[name]]
             assert out["summary"][name][m]["mean"] == pytest.approx(np.mean(values))
             assert out["summary"][name][m]["values"] == pytest.approx(values)
-    increase = {d["parallel"]: d for d in out["entropy_increase"]}
-    for parallel, sequential in (("distant_multi", "distant_one"), ("raster_multi", "raster_one")):
+    increase = {(d["parallel"], d["sequential"]): d for d in out["entropy_increase"]}
+    assert list(increase) == [("distant_multi", "distant_one"), ("raster_multi", "raster_one"),
+                              ("distant_multi", "raster_one")]
+    for (parallel, sequential), d in increase.items():
         want = (maps[parallel] - maps[sequential]).reshape(8, 8)
-        np.testing.assert_allclose(increase[parallel]["map"], want, atol=1e-9)
-        assert increase[parallel]["mean"] == pytest.approx(want.mean())
+        np.testing.assert_allclose(d["map"], want, atol=1e-9)
+        assert d["mean"] == pytest.approx(want.mean())
+        # Paired by seed: the seeds' offsets cancel, so every seed's difference is the same and the interval is 0.
+        assert d["interval"]["values"] == pytest.approx([want.mean()] * 3) and d["interval"]["half_width"] < 1e-9
     assert (tmp_path / "report" / "entropy_increase.png").exists()
+    text = (tmp_path / "report" / "table.md").read_text()
+    d = increase["distant_multi", "raster_one"]
+    assert f"distant_multi - raster_one {d['mean']:.3f} ± {d['interval']['half_width']:.3f}" in text
     # The paper's comparisons whose two cells ran, in config order, paired by seed (no_prefix etc. did not run).
     paired = {(c["a"], c["b"]): c for c in out["contrasts"]}
     assert list(paired) == [("raster_multi", "distant_multi"), ("distant_multi", "raster_one"),
