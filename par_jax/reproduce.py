@@ -154,6 +154,13 @@ def rescore_phase(name: str, seed: int, config) -> str:
     return f"cells/{name}/seed{seed}/eval/{rescore_name(config)}"
 
 
+def rescore_config(config, name: str, seed: int, root: epath.Path):
+    par = cell_config(config, name, seed, root)
+    with par.unlocked():
+        par.eval.update(num_samples=int(config.reproduce.rescore_samples), name=rescore_name(config))
+    return par
+
+
 def rescore_cell(config, name: str, seed: int, root: epath.Path) -> dict:
     """The evaluate job once more on the cell's final checkpoint, with reproduce.rescore_samples samples: FID and
     precision/recall from the cell's own 300 samples are noisy and biased upwards (FID), and sampling is cheap next to
@@ -166,13 +173,6 @@ def rescore_cell(config, name: str, seed: int, root: epath.Path) -> dict:
             "num_samples": int(record["settings"]["num_samples"]),
             "checkpoint_step": record["settings"]["checkpoint_step"],
             "results": phases_lib.relative(os.fspath(root / rescore_phase(name, seed, config) / RESULTS_FILE), root)}
-
-
-def rescore_config(config, name: str, seed: int, root: epath.Path):
-    par = cell_config(config, name, seed, root)
-    with par.unlocked():
-        par.eval.update(num_samples=int(config.reproduce.rescore_samples), name=rescore_name(config))
-    return par
 
 
 # ----- the report -----
@@ -328,7 +328,8 @@ def report(config, root: epath.Path, cells: list[str], seeds: list[int]) -> dict
     paired = contrasts(config, cell_results, seeds, metrics)
     if paired and len(seeds) > 1:  # one seed gives no paired interval
         text += "\n\n" + contrast_table(paired, suffix)
-    text += f"\n\nWall time per seed (training, sampling and scoring{', and the rescore' if suffix else ''}), minutes: " + ", ".join(
+    what = "training, sampling and scoring" + (", and the rescore" if suffix else "")
+    text += f"\n\nWall time per seed ({what}), minutes: " + ", ".join(
         f"{name} {np.mean(v) / 60:.1f}" for name, v in seconds.items() if v) + "."
     if increases:
         text += ("\n\nThe trained decoders' predictive entropy, parallel minus sequential cell (nats/token, mean over "
@@ -406,7 +407,7 @@ def run(config, workdir: str) -> dict[str, Any]:
         phase = f"cells/{name}/seed{seed}"
         cell_start = time.perf_counter()
         eta = (f"; ETA of the grid {np.mean(done_times) * (len(todo) - k) / 60:.0f} min" if done_times else "")
-        result = phases.run(
+        phases.run(
             i, phase, f"cell {k + 1}/{len(todo)}: {config.cells[name].table}, seed {seed} "
                       f"({par.train.num_steps} steps){eta}",
             lambda: run_cell(config, name, seed, root),
