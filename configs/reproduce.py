@@ -34,7 +34,8 @@ this decoder (the demo needs 900 at 8x8). So the full run is grid=8. Whether 8x8
 argued before the run: on these 8x8 codes, hiding a token's own group costs raster/multi 0.22 nats/token and
 distant/multi 0.022 (the dependency analysis, docs/reproduction.md), so the grid has the adjacency that the contrast
 needs. The full run (docs/reproduction.md, "The full run") did not resolve it: the decoders pay raster/multi's cost,
-but PAR's order costs them about as much in learning at this size.
+but PAR's order costs them about as much in learning at this size. The rescore (reproduce.rescore_samples: 3,000
+samples per cell and seed) adds 38-60 s per cell and seed, ~15-20 min over the grid.
 """
 
 import ml_collections

@@ -112,7 +112,8 @@ def test_seed_table_pairs_runs_by_seed(tmp_path):
     paired = numbers["paired"]
     assert set(paired) == {"4-1", "16-4", "16-1"}
     assert paired["4-1"]["seeds"] == [0, 1, 2] and paired["16-4"]["seeds"] == [0, 1]  # the seeds both n have
-    assert paired["4-1"]["fd_video_classifier"] == {**phases.mean_interval([11.0, 9.0, 10.0]), "paired_seeds": [0, 1, 2]}
+    assert paired["4-1"]["fd_video_classifier"] == {**phases.mean_interval([11.0, 9.0, 10.0]),
+                                                    "paired_seeds": [0, 1, 2]}
     assert paired["16-1"]["fd_video_classifier"] == {**phases.mean_interval([12.0, 10.0]), "paired_seeds": [0, 1]}
     assert paired["4-1"]["loss"]["mean"] == pytest.approx(0.3)
     low, high = (numbers["by_n"][k]["fd_video_classifier"][e] for k, e in ((4, "low"), (1, "high")))
